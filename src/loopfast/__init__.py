@@ -1,0 +1,28 @@
+"""loopfast: fast, authenticated message channels between processes over loopback TCP.
+
+A drop-in superset of ``multiprocessing.connection``::
+
+    from loopfast import Pipe          # instead of: from multiprocessing import Pipe
+    a, b = Pipe()
+    a.send({"hello": "world"})
+    print(b.recv())
+"""
+
+from ._channel import Channel
+from ._errors import AuthenticationError, BufferTooShort, ProtocolError
+from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
+from ._version import __version__
+from .connection import Client, Listener, Pipe, wait
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "AuthenticationError",
+    "BufferTooShort",
+    "Channel",
+    "Client",
+    "Listener",
+    "Pipe",
+    "ProtocolError",
+    "__version__",
+    "wait",
+]

@@ -1,0 +1,82 @@
+# cython: language_level=3
+"""Declarations of the compiled channel (implementation in _channel.pyx)."""
+
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from cpython.pythread cimport PyThread_type_lock
+
+
+cdef extern from "_platform.h" nogil:
+    ctypedef long lf_socket_t  # the real type is int (POSIX) or SOCKET (Windows)
+    lf_socket_t LF_INVALID_SOCKET
+    short LF_POLLIN
+    short LF_POLLOUT
+    int LF_IOV_MAX
+
+    ctypedef struct lf_iovec:
+        void *base
+        size_t len
+
+    int lf_last_error()
+    int lf_error_would_block(int err)
+    int lf_error_interrupted(int err)
+    Py_ssize_t lf_send(lf_socket_t s, const char *buf, size_t len)
+    Py_ssize_t lf_recv(lf_socket_t s, char *buf, size_t len)
+    Py_ssize_t lf_sendv(lf_socket_t s, const lf_iovec *iov, int count)
+    int lf_poll(lf_socket_t s, short events, int timeout_ms, short *revents)
+    int lf_set_nonblocking(lf_socket_t s)
+    int lf_close(lf_socket_t s)
+    int lf_shutdown_both(lf_socket_t s)
+    int lf_set_nodelay(lf_socket_t s)
+    int64_t lf_monotonic_ns()
+    void lf_set_os_error(int err) with gil
+    void lf_store_u64le(unsigned char *p, uint64_t v)
+    uint64_t lf_load_u64le(const unsigned char *p)
+    void lf_store_u32le(unsigned char *p, uint32_t v)
+    uint32_t lf_load_u32le(const unsigned char *p)
+
+
+cdef class Channel:
+    cdef lf_socket_t _fd            # the connected socket; LF_INVALID_SOCKET once closed
+    cdef bint _readable             # recv* allowed (False for the write end of Pipe(duplex=False))
+    cdef bint _writable             # send* allowed (False for the read end of Pipe(duplex=False))
+    cdef uint64_t _max_message_size # frames announcing more raise ProtocolError before allocating
+    cdef object _max_message_size_obj  # the same, as given (int or None), for the property
+
+    # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed. One recv()
+    # fills it with as many frames as arrived; small frames are handed out straight from it.
+    cdef char *_rbuf
+    cdef Py_ssize_t _rcap
+    cdef Py_ssize_t _rstart
+    cdef Py_ssize_t _rend
+    cdef bint _last_recv_was_empty  # the previous fill found no data: wait before the next recv()
+
+    # A payload too large for the receive buffer is read straight into its final bytes object.
+    # While it is incomplete (a timeout interrupted it) it is kept here, so that the next receive
+    # resumes it and the stream stays whole.
+    cdef object _pending            # bytes being filled, or None
+    cdef Py_ssize_t _pending_filled # bytes of _pending already received
+    cdef int _pending_kind          # frame kind of _pending
+
+    # The unsent tail of a frame whose send timed out part-way; sent before any later frame.
+    cdef object _send_rest          # bytes, or None
+
+    cdef char *_sbuf                # scratch space where a small frame is assembled for one send()
+    cdef PyThread_type_lock _send_lock  # one sender at a time: frames never interleave
+    cdef PyThread_type_lock _recv_lock  # one receiver at a time: each gets whole messages
+    cdef object __weakref__
+
+    cdef int _check_readable(self) except -1
+    cdef int _check_writable(self) except -1
+    cdef int _wait(self, short events, int64_t deadline) except -1
+    cdef int _fill(self, int64_t deadline) except -1
+    cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1
+    cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1
+    cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind)
+    cdef object _finish_pending(self, int64_t deadline)
+    cdef _bad_message_length(self)
+    cdef int _flush_rest(self, int64_t deadline) except -1
+    cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
+                          int64_t deadline) except -1
+    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total, int64_t deadline) except -1
+    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size, int64_t deadline) except -1
+    cdef int _protocol_error(self, str message) except -1

@@ -1,0 +1,692 @@
+# cython: language_level=3, embedsignature=True
+"""The compiled channel: framed messages over a nonblocking loopback TCP socket.
+
+This is where frames are encoded (``_send_frame``) and parsed (``_read_header``,
+``_recv_frame``); where the process waits (``_wait``, a ``poll()`` with the GIL released); and where
+OS errors become Python exceptions (``_raise_os_error``). The wire format is specified in
+docs/protocol.md; the handshake that precedes the frames lives in _handshake.py.
+"""
+
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock)
+from libc.stdint cimport INT64_MAX, UINT64_MAX
+from libc.string cimport memcpy, memmove
+
+from multiprocessing.reduction import ForkingPickler
+
+from ._errors import BufferTooShort, ProtocolError
+from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
+
+# ---- wire format (docs/protocol.md, "Frames") ---------------------------------------------------
+cdef enum:
+    # header layout: [0] kind, [1] flags, [2:4] reserved, [4:8] count, [8:16] payload length (LE)
+    HEADER_SIZE = 16
+    KIND_BYTES = 1     # payload is raw bytes (send_bytes)
+    KIND_PICKLE = 2    # payload is a pickle (send)
+
+# ---- buffer sizes, chosen by measurement ------------------------------------------------------
+cdef enum:
+    # Receive buffer: one recv() of up to this much takes in every small frame that has arrived.
+    RECV_BUFFER_SIZE = 256 * 1024
+    # A payload larger than this is read straight into its final object instead of through the
+    # receive buffer (saves one copy; below it the copy out of a cache-warm buffer is cheaper than the
+    # extra recv() calls a direct read needs).
+    DIRECT_READ_THRESHOLD = 64 * 1024
+    # A frame up to this size is assembled with its header in one contiguous buffer and sent with
+    # send(); above it, header and payload go out with one gather write (sendmsg) and no copy.
+    SMALL_SEND_SIZE = 16 * 1024
+    # Socket I/O on more than this many bytes releases the GIL (a large copy into the kernel).
+    RELEASE_GIL_SIZE = 64 * 1024
+
+cdef object _dumps = ForkingPickler.dumps
+cdef object _loads = ForkingPickler.loads
+
+
+cdef inline int64_t _deadline(object timeout) except? -2:
+    """Absolute monotonic deadline in ns for a timeout in seconds; -1 for no deadline."""
+    cdef double seconds
+    if timeout is None:
+        return -1
+    seconds = timeout
+    if seconds != seconds:
+        raise ValueError("timeout must be a number, not NaN")
+    if seconds <= 0:
+        return lf_monotonic_ns()
+    if seconds > 1e9:
+        return -1
+    return lf_monotonic_ns() + <int64_t>(seconds * 1e9)
+
+
+cdef int _raise_os_error(int err) except -1:
+    """The one place where an OS error code becomes a Python exception (an OSError subclass:
+    ConnectionResetError, BrokenPipeError, ...)."""
+    lf_set_os_error(err)
+    return -1
+
+
+cdef inline int _lock(PyThread_type_lock lock) except -1:
+    if not PyThread_acquire_lock(lock, NOWAIT_LOCK):
+        with nogil:
+            PyThread_acquire_lock(lock, WAIT_LOCK)
+    return 0
+
+
+cdef class Channel:
+    """One end of a framed, bidirectional loopback connection.
+
+    ``Channel(fd, readable=True, writable=True, *, max_message_size=...)`` takes ownership of a
+    connected TCP socket's file descriptor whose handshake is done; applications get channels from
+    ``Pipe()``, ``Client()``, ``Listener.accept()`` or ``Channel.connect()``.
+    """
+
+    def __cinit__(self):
+        self._fd = LF_INVALID_SOCKET
+        self._rbuf = NULL
+        self._sbuf = NULL
+        self._send_lock = NULL
+        self._recv_lock = NULL
+
+    def __init__(self, fd, bint readable=True, bint writable=True, *,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+        if not readable and not writable:
+            raise ValueError("at least one of `readable` and `writable` must be True")
+        if max_message_size is None:
+            self._max_message_size = UINT64_MAX
+        else:
+            if max_message_size < 0:
+                raise ValueError("max_message_size must be >= 0 or None")
+            self._max_message_size = max_message_size
+        self._max_message_size_obj = max_message_size
+        cdef lf_socket_t c_fd = fd
+        if c_fd == LF_INVALID_SOCKET or fd < 0:
+            raise ValueError("invalid file descriptor")
+        self._rbuf = <char *>PyMem_Malloc(RECV_BUFFER_SIZE)
+        self._sbuf = <char *>PyMem_Malloc(SMALL_SEND_SIZE + HEADER_SIZE)
+        self._send_lock = PyThread_allocate_lock()
+        self._recv_lock = PyThread_allocate_lock()
+        if self._rbuf == NULL or self._sbuf == NULL or self._send_lock == NULL or self._recv_lock == NULL:
+            raise MemoryError()
+        self._rcap = RECV_BUFFER_SIZE
+        self._rstart = self._rend = 0
+        self._last_recv_was_empty = True
+        self._pending = None
+        self._send_rest = None
+        if lf_set_nonblocking(c_fd) < 0:
+            _raise_os_error(lf_last_error())
+        # TCP_NODELAY: a message is sent when send_bytes() returns, never held back by Nagle.
+        # It fails (harmlessly) only on a socket that is not TCP, e.g. in tests with socketpair().
+        lf_set_nodelay(c_fd)
+        self._fd = c_fd
+        self._readable = readable
+        self._writable = writable
+
+    def __dealloc__(self):
+        if self._fd != LF_INVALID_SOCKET:
+            lf_close(self._fd)
+            self._fd = LF_INVALID_SOCKET
+        PyMem_Free(self._rbuf)
+        PyMem_Free(self._sbuf)
+        if self._send_lock != NULL:
+            PyThread_free_lock(self._send_lock)
+        if self._recv_lock != NULL:
+            PyThread_free_lock(self._recv_lock)
+
+    @classmethod
+    def connect(cls, address, *, authkey=None, timeout=None,
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None):
+        """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
+
+        `timeout` (seconds) bounds the connection and the handshake.
+        """
+        from .connection import connect
+        return connect(address, family=family, authkey=authkey, timeout=timeout,
+                       max_message_size=max_message_size)
+
+    # ---- properties and small methods -----------------------------------------------------------
+
+    @property
+    def closed(self):
+        """True once the channel is closed."""
+        return self._fd == LF_INVALID_SOCKET
+
+    @property
+    def readable(self):
+        """True if the channel can receive."""
+        return self._readable
+
+    @property
+    def writable(self):
+        """True if the channel can send."""
+        return self._writable
+
+    @property
+    def max_message_size(self):
+        """Largest payload accepted from the peer, in bytes (None: no limit)."""
+        return self._max_message_size_obj
+
+    def fileno(self):
+        """The socket's file descriptor."""
+        if self._fd == LF_INVALID_SOCKET:
+            raise OSError("handle is closed")
+        return self._fd
+
+    def close(self):
+        """Close the channel. Messages already received but not read are discarded."""
+        cdef lf_socket_t fd = self._fd
+        if fd != LF_INVALID_SOCKET:
+            self._fd = LF_INVALID_SOCKET
+            self._pending = None
+            self._send_rest = None
+            self._rstart = self._rend = 0
+            lf_close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._fd == LF_INVALID_SOCKET else f"fd={self._fd}"
+        mode = ("r" if self._readable else "") + ("w" if self._writable else "")
+        return f"<loopfast.Channel {state} mode={mode!r}>"
+
+    cdef int _check_readable(self) except -1:
+        if self._fd == LF_INVALID_SOCKET:
+            raise OSError("handle is closed")
+        if not self._readable:
+            raise OSError("connection is write-only")
+        return 0
+
+    cdef int _check_writable(self) except -1:
+        if self._fd == LF_INVALID_SOCKET:
+            raise OSError("handle is closed")
+        if not self._writable:
+            raise OSError("connection is read-only")
+        return 0
+
+    cdef int _protocol_error(self, str message) except -1:
+        """The stream can no longer be trusted: close, then raise ProtocolError."""
+        self.close()
+        raise ProtocolError(message)
+
+    # ---- waiting ----------------------------------------------------------------------------------
+
+    cdef int _wait(self, short events, int64_t deadline) except -1:
+        """Wait with the GIL released until the socket is ready for `events`.
+        Returns 0 when ready, 1 when the deadline passed (would-block is a value, not an error)."""
+        cdef int64_t remaining
+        cdef int timeout_ms, rc, err
+        cdef short revents = 0
+        cdef lf_socket_t fd
+        while True:
+            fd = self._fd
+            if fd == LF_INVALID_SOCKET:
+                raise OSError("handle is closed")
+            if deadline < 0:
+                timeout_ms = -1
+            else:
+                remaining = deadline - lf_monotonic_ns()
+                if remaining <= 0:
+                    timeout_ms = 0
+                else:  # round up: never return before the deadline
+                    timeout_ms = <int>min((remaining + 999999) // 1000000, 0x7fffffff)
+            with nogil:
+                rc = lf_poll(fd, events, timeout_ms, &revents)
+                err = lf_last_error()
+            if rc > 0:
+                return 0
+            if rc == 0:
+                if timeout_ms == 0 or lf_monotonic_ns() >= deadline:
+                    return 1
+                continue
+            if lf_error_interrupted(err):
+                PyErr_CheckSignals()  # Ctrl-C raises KeyboardInterrupt here; otherwise retry
+                continue
+            _raise_os_error(err)
+
+    # ---- receiving --------------------------------------------------------------------------------
+
+    cdef int _fill(self, int64_t deadline) except -1:
+        """Receive at least one more byte into the receive buffer."""
+        cdef Py_ssize_t n
+        cdef int err
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif self._rstart > 0 and self._rcap - self._rend < self._rcap // 4:
+            # Any frame kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE, well under
+            # 3/4 of it, so after this move there is always room to receive into.
+            memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
+            self._rend -= self._rstart
+            self._rstart = 0
+        while True:
+            if self._last_recv_was_empty:
+                # The last recv() found nothing: wait first, saving a recv() that would fail.
+                if self._wait(LF_POLLIN, deadline):
+                    raise TimeoutError("timed out waiting for a message")
+            n = lf_recv(self._fd, self._rbuf + self._rend, <size_t>(self._rcap - self._rend))
+            if n > 0:
+                self._rend += n
+                self._last_recv_was_empty = False
+                return 0
+            if n == 0:
+                if self._rend > self._rstart:
+                    self._protocol_error("the peer closed the connection in the middle of a message")
+                raise EOFError("the peer closed the connection")
+            err = lf_last_error()
+            if lf_error_would_block(err):
+                self._last_recv_was_empty = True
+            elif lf_error_interrupted(err):
+                PyErr_CheckSignals()
+            elif self._rend > self._rstart:
+                self._protocol_error(
+                    f"connection lost in the middle of a message ({_os_error_text(err)})")
+            else:
+                _raise_os_error(err)
+
+    cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1:
+        """Receive between 1 and `size` bytes of a payload straight into `dst` (its final home).
+        The connection ending here is always in the middle of a message."""
+        cdef Py_ssize_t n
+        cdef int err
+        cdef lf_socket_t fd
+        while True:
+            fd = self._fd
+            if fd == LF_INVALID_SOCKET:
+                raise OSError("handle is closed")
+            with nogil:
+                n = lf_recv(fd, dst, <size_t>size)
+                err = lf_last_error()
+            if n > 0:
+                return n
+            if n == 0:
+                self._protocol_error("the peer closed the connection in the middle of a message")
+            if lf_error_would_block(err):
+                if self._wait(LF_POLLIN, deadline):
+                    raise TimeoutError("timed out in the middle of a message; "
+                                       "the next receive resumes it")
+            elif lf_error_interrupted(err):
+                PyErr_CheckSignals()
+            else:
+                self._protocol_error(
+                    f"connection lost in the middle of a message ({_os_error_text(err)})")
+
+    cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1:
+        """Parse and check the frame header at the start of the buffered bytes (there must be at
+        least HEADER_SIZE). Consumes nothing."""
+        cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+        cdef uint64_t n = lf_load_u64le(h + 8)
+        if (h[0] != KIND_BYTES and h[0] != KIND_PICKLE) or h[1] != 0 or h[2] != 0 or h[3] != 0 \
+                or lf_load_u32le(h + 4) != 0:
+            self._protocol_error(
+                "malformed frame header " + (<bytes>h[:HEADER_SIZE]).hex()
+                + " (is the peer a loopfast channel of the same protocol version?)")
+        if n > self._max_message_size:
+            self._protocol_error(
+                f"the peer announced a {n}-byte message, over this channel's "
+                f"max_message_size of {self._max_message_size_obj} bytes")
+        if n > <uint64_t>(INT64_MAX // 2):
+            self._protocol_error(f"the peer announced an impossible {n}-byte message")
+        kind[0] = h[0]
+        length[0] = <Py_ssize_t>n
+        return 0
+
+    cdef object _finish_pending(self, int64_t deadline):
+        cdef object out = self._pending
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(out)
+        cdef char *p = PyBytes_AS_STRING(out)
+        while self._pending_filled < size:
+            self._pending_filled += self._recv_some(p + self._pending_filled,
+                                                    size - self._pending_filled, deadline)
+        self._pending = None
+        return out
+
+    cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind):
+        """Receive one whole message and return its payload as bytes (allocated once, at its
+        final size). maxlength < 0: no limit."""
+        cdef Py_ssize_t avail, length
+        cdef object out
+        if self._pending is not None:
+            if maxlength >= 0 and PyBytes_GET_SIZE(self._pending) > maxlength:
+                self._bad_message_length()
+            kind[0] = self._pending_kind
+            return self._finish_pending(deadline)
+        while True:
+            avail = self._rend - self._rstart
+            if avail >= HEADER_SIZE:
+                self._read_header(kind, &length)
+                if maxlength >= 0 and length > maxlength:
+                    self._bad_message_length()
+                if length <= avail - HEADER_SIZE:
+                    out = PyBytes_FromStringAndSize(self._rbuf + self._rstart + HEADER_SIZE, length)
+                    self._rstart += HEADER_SIZE + length
+                    return out
+                if length > DIRECT_READ_THRESHOLD:
+                    out = PyBytes_FromStringAndSize(NULL, length)
+                    avail -= HEADER_SIZE
+                    memcpy(PyBytes_AS_STRING(out), self._rbuf + self._rstart + HEADER_SIZE, avail)
+                    self._rstart = self._rend = 0
+                    self._pending = out
+                    self._pending_filled = avail
+                    self._pending_kind = kind[0]
+                    return self._finish_pending(deadline)
+            self._fill(deadline)
+
+    cdef _bad_message_length(self):
+        # As multiprocessing does: the stream is left mid-message, so reading is over.
+        if self._writable:
+            self._readable = False
+        else:
+            self.close()
+        raise OSError("bad message length")
+
+    def recv_bytes(self, maxlength=None, *, timeout=None):
+        """Receive one message sent with send_bytes() (or send()) and return its payload as bytes.
+
+        Blocks until a whole message has arrived, or until `timeout` seconds have passed
+        (TimeoutError; the stream stays intact). Raises EOFError if the peer closed the
+        connection between messages, ProtocolError if it vanished in the middle of one, and
+        OSError (and the channel stops reading) if the message is longer than `maxlength`.
+        """
+        cdef Py_ssize_t c_maxlength = -1
+        cdef int kind
+        if maxlength is not None:
+            if maxlength < 0:
+                raise ValueError("negative maxlength")
+            c_maxlength = maxlength
+        self._check_readable()
+        cdef int64_t deadline = _deadline(timeout)
+        _lock(self._recv_lock)
+        try:
+            return self._recv_frame(deadline, c_maxlength, &kind)
+        finally:
+            PyThread_release_lock(self._recv_lock)
+
+    def recv(self, *, timeout=None):
+        """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
+        cdef int kind
+        self._check_readable()
+        cdef int64_t deadline = _deadline(timeout)
+        _lock(self._recv_lock)
+        try:
+            payload = self._recv_frame(deadline, -1, &kind)
+        finally:
+            PyThread_release_lock(self._recv_lock)
+        return _loads(payload)
+
+    def recv_bytes_into(self, buf, Py_ssize_t offset=0, *, timeout=None):
+        """Receive one message into the writable buffer `buf`, starting `offset` bytes in, and
+        return its size in bytes. A large payload is read from the socket straight into `buf`.
+
+        If the message does not fit, raises BufferTooShort with the whole message as args[0].
+        """
+        cdef Py_buffer view
+        cdef Py_ssize_t space, avail, length, filled
+        cdef int kind
+        cdef char *dst
+        cdef int64_t deadline
+        self._check_readable()
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            if offset < 0:
+                raise ValueError("negative offset")
+            if offset > view.len:
+                raise ValueError("offset too large")
+            space = view.len - offset
+            dst = <char *>view.buf + offset
+            deadline = _deadline(timeout)
+            _lock(self._recv_lock)
+            try:
+                if self._pending is not None:
+                    payload = self._recv_frame(deadline, -1, &kind)
+                    length = PyBytes_GET_SIZE(payload)
+                    if length > space:
+                        raise BufferTooShort(payload)
+                    memcpy(dst, PyBytes_AS_STRING(payload), length)
+                    return length
+                while True:
+                    avail = self._rend - self._rstart
+                    if avail >= HEADER_SIZE:
+                        self._read_header(&kind, &length)
+                        if length > space:
+                            raise BufferTooShort(self._recv_frame(deadline, -1, &kind))
+                        if length <= avail - HEADER_SIZE:
+                            memcpy(dst, self._rbuf + self._rstart + HEADER_SIZE, length)
+                            self._rstart += HEADER_SIZE + length
+                            return length
+                        if length > DIRECT_READ_THRESHOLD:
+                            break
+                    self._fill(deadline)
+                # A large payload: straight from the socket into the caller's buffer.
+                filled = avail - HEADER_SIZE
+                memcpy(dst, self._rbuf + self._rstart + HEADER_SIZE, filled)
+                self._rstart = self._rend = 0
+                try:
+                    while filled < length:
+                        filled += self._recv_some(dst + filled, length - filled, deadline)
+                except BaseException:
+                    if self._fd != LF_INVALID_SOCKET:
+                        # Interrupted (timeout, Ctrl-C): keep what arrived so that the next
+                        # receive resumes this message. Only this rare path copies.
+                        self._pending = PyBytes_FromStringAndSize(NULL, length)
+                        memcpy(PyBytes_AS_STRING(self._pending), dst, filled)
+                        self._pending_filled = filled
+                        self._pending_kind = kind
+                    raise
+                return length
+            finally:
+                PyThread_release_lock(self._recv_lock)
+        finally:
+            PyBuffer_Release(&view)
+
+    def poll(self, timeout=0.0):
+        """Return whether there is data to read, waiting up to `timeout` seconds (None: no limit).
+
+        Never reads from the socket, so it never consumes or splits a message.
+        """
+        self._check_readable()
+        if self._rend > self._rstart or self._pending is not None:
+            return True
+        return self._wait(LF_POLLIN, _deadline(timeout)) == 0
+
+    def _has_message(self):
+        """True if a whole message is already in the receive buffer (no syscall)."""
+        cdef int kind
+        cdef Py_ssize_t length
+        cdef Py_ssize_t avail = self._rend - self._rstart
+        if self._fd == LF_INVALID_SOCKET or avail < HEADER_SIZE or self._pending is not None:
+            return False
+        try:
+            self._read_header(&kind, &length)
+        except ProtocolError:
+            return True  # the receive will raise it
+        return length <= avail - HEADER_SIZE
+
+    # ---- sending ----------------------------------------------------------------------------------
+
+    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total, int64_t deadline) except -1:
+        """Write all `total` bytes described by `iov`. If the deadline passes (or a signal
+        interrupts) after part of them went out, the rest is copied to _send_rest and goes out
+        before the next frame, so the peer never sees half a frame followed by another."""
+        cdef Py_ssize_t n, sent = 0
+        cdef int err, i
+        cdef lf_socket_t fd = self._fd
+        while True:
+            if total - sent > RELEASE_GIL_SIZE:
+                with nogil:
+                    n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
+                    err = lf_last_error()
+            else:
+                n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
+                err = lf_last_error()
+            if n >= 0:
+                sent += n
+                if sent == total:
+                    return 0
+                while <size_t>n >= iov[0].len:  # drop what went out
+                    n -= iov[0].len
+                    iov += 1
+                    count -= 1
+                iov[0].base = <char *>iov[0].base + n
+                iov[0].len -= n
+                continue
+            try:
+                if lf_error_would_block(err):
+                    if self._wait(LF_POLLOUT, deadline):
+                        raise TimeoutError("timed out sending a message" if sent == 0 else
+                                           f"timed out after sending {sent} of {total} bytes of a "
+                                           "message; the rest goes out before the next message")
+                elif lf_error_interrupted(err):
+                    PyErr_CheckSignals()
+                else:
+                    _raise_os_error(err)
+            except BaseException:
+                if sent > 0 and self._fd != LF_INVALID_SOCKET:
+                    rest = bytearray()
+                    for i in range(count):
+                        rest += (<char *>iov[i].base)[:iov[i].len]
+                    self._send_rest = bytes(rest)
+                raise
+
+    cdef int _flush_rest(self, int64_t deadline) except -1:
+        cdef lf_iovec iov
+        rest = self._send_rest
+        self._send_rest = None
+        iov.base = PyBytes_AS_STRING(rest)
+        iov.len = PyBytes_GET_SIZE(rest)
+        self._send_all(&iov, 1, iov.len, deadline)
+        return 0
+
+    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size, int64_t deadline) except -1:
+        cdef unsigned char header[HEADER_SIZE]
+        cdef lf_iovec iov[2]
+        cdef unsigned char *h
+        if self._send_rest is not None:
+            self._flush_rest(deadline)
+        if size <= SMALL_SEND_SIZE:
+            # One contiguous send(): for small frames a memcpy is cheaper than a gather write.
+            h = <unsigned char *>self._sbuf
+            memcpy(self._sbuf + HEADER_SIZE, data, size)
+            iov[0].base = self._sbuf
+            iov[0].len = HEADER_SIZE + size
+        else:
+            h = header
+            iov[0].base = header
+            iov[0].len = HEADER_SIZE
+            iov[1].base = <void *>data
+            iov[1].len = size
+        h[0] = kind
+        h[1] = h[2] = h[3] = 0
+        lf_store_u32le(h + 4, 0)
+        lf_store_u64le(h + 8, size)
+        return self._send_all(iov, 1 if size <= SMALL_SEND_SIZE else 2, HEADER_SIZE + size, deadline)
+
+    cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
+                          int64_t deadline) except -1:
+        cdef Py_buffer view
+        cdef Py_ssize_t size
+        try:
+            PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
+        except (BufferError, ValueError):
+            # Not contiguous (a strided memoryview, a Fortran-ordered array): one C-order copy,
+            # as multiprocessing does.
+            obj = memoryview(obj).tobytes()
+            PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
+        try:
+            if offset < 0:
+                raise ValueError("offset is negative")
+            if view.len < offset:
+                raise ValueError("buffer length < offset")
+            if size_obj is None:
+                size = view.len - offset
+            else:
+                size = size_obj
+                if size < 0:
+                    raise ValueError("size is negative")
+                if offset + size > view.len:
+                    raise ValueError("buffer length < offset + size")
+            _lock(self._send_lock)
+            try:
+                self._send_frame(kind, <char *>view.buf + offset, size, deadline)
+            finally:
+                PyThread_release_lock(self._send_lock)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+
+    def send_bytes(self, buf, Py_ssize_t offset=0, size=None, *, timeout=None):
+        """Send the bytes of a buffer-protocol object (bytes, bytearray, memoryview, array, numpy)
+        as one message. `offset` and `size` are in bytes. The payload is never copied when it is
+        large: header and payload go to the kernel in one gather write.
+        """
+        self._check_writable()
+        self._send_buffer(KIND_BYTES, buf, offset, size, _deadline(timeout))
+
+    def send(self, obj, *, timeout=None):
+        """Send a picklable object as one message (pickled with multiprocessing's ForkingPickler,
+        so everything multiprocessing can send, this can send)."""
+        self._check_writable()
+        data = _dumps(obj)
+        self._send_buffer(KIND_PICKLE, data, 0, None, _deadline(timeout))
+
+    # ---- raw bytes for the handshake (_handshake.py), before any frame --------------------------
+
+    def _send_raw(self, data, *, timeout=None):
+        """Send bytes as they are, without a frame header."""
+        cdef Py_buffer view
+        cdef lf_iovec iov
+        if self._fd == LF_INVALID_SOCKET:
+            raise OSError("handle is closed")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            iov.base = view.buf
+            iov.len = view.len
+            if view.len:
+                self._send_all(&iov, 1, view.len, _deadline(timeout))
+        finally:
+            PyBuffer_Release(&view)
+
+    def _recv_raw(self, Py_ssize_t max_size, *, timeout=None):
+        """Return between 1 and `max_size` received bytes, waiting for the first one."""
+        cdef Py_ssize_t n
+        if self._fd == LF_INVALID_SOCKET:
+            raise OSError("handle is closed")
+        cdef int64_t deadline = _deadline(timeout)
+        if self._rend == self._rstart:
+            self._fill(deadline)
+        n = min(max_size, self._rend - self._rstart)
+        out = PyBytes_FromStringAndSize(self._rbuf + self._rstart, n)
+        self._rstart += n
+        return out
+
+    # ---- handing a channel to another process (see _reduction in connection.py) ------------------
+
+    def _buffered(self):
+        """The bytes received but not yet consumed, for a copy of this channel in another process."""
+        if self._pending is not None:
+            raise OSError("cannot hand over a channel in the middle of receiving a large message")
+        if self._send_rest is not None:
+            raise OSError("cannot hand over a channel in the middle of sending a message")
+        return PyBytes_FromStringAndSize(self._rbuf + self._rstart, self._rend - self._rstart)
+
+    def _prefill(self, bytes data):
+        """Put bytes received by another copy of this channel back in front of the stream."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        if self._rend != self._rstart or n > self._rcap:
+            raise ValueError("cannot prefill a channel that holds data")
+        memcpy(self._rbuf, PyBytes_AS_STRING(data), n)
+        self._rstart = 0
+        self._rend = n
+
+
+cdef str _os_error_text(int err):
+    try:
+        _raise_os_error(err)
+    except OSError as exc:
+        return exc.strerror or str(exc)

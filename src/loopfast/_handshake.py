@@ -1,0 +1,129 @@
+"""The opening exchange of every connection: versioned hello, then optional mutual HMAC proof.
+
+Both sides send first and read second, so neither waits for the other (docs/protocol.md,
+"Handshake"). No frame is parsed before this finishes: bytes the peer sent after its handshake
+stay in the channel's receive buffer for the frame parser.
+"""
+
+import hmac
+import os
+import time
+
+from ._errors import AuthenticationError, ProtocolError
+from ._protocol import (
+    HELLO,
+    HELLO_FLAG_AUTH,
+    MAGIC,
+    NONCE_SIZE,
+    PROOF_LABEL_CONNECTOR,
+    PROOF_LABEL_LISTENER,
+    PROOF_SIZE,
+    VERSION,
+)
+
+__all__ = ["Handshake", "handshake", "handshake_pair"]
+
+LISTENER = "listener"
+CONNECTOR = "connector"
+
+
+class Handshake:
+    """One side of the handshake on one channel, split into steps so that `Pipe()` can drive
+    both ends of a connection from one thread."""
+
+    def __init__(self, channel, authkey, role, timeout):
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError("authkey should be a byte string")
+        self.channel = channel
+        self.authkey = authkey
+        self.role = role
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        flags = HELLO_FLAG_AUTH if authkey is not None else 0
+        self.hello = HELLO.pack(MAGIC, VERSION, flags, 0, os.urandom(NONCE_SIZE))
+        self.peer_hello = None
+
+    def _remaining(self):
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the peer did not complete the loopfast handshake in time")
+        return remaining
+
+    def _read(self, size, what):
+        data = b""
+        while len(data) < size:
+            try:
+                data += self.channel._recv_raw(size - len(data), timeout=self._remaining())
+            except EOFError:
+                raise what(f"the peer closed the connection during the handshake "
+                           f"(after {len(data)} of {size} bytes)") from None
+            except TimeoutError:
+                raise TimeoutError("the peer did not complete the loopfast handshake in time") \
+                    from None
+            if what is ProtocolError and MAGIC[:len(data)] != data[:len(MAGIC)]:
+                raise ProtocolError(
+                    f"the peer is not a loopfast channel: it sent {data[:len(MAGIC)]!r} "
+                    f"instead of the {MAGIC!r} greeting")
+        return data
+
+    def send_hello(self):
+        self.channel._send_raw(self.hello, timeout=self._remaining())
+
+    def read_hello(self):
+        data = self._read(HELLO.size, ProtocolError)
+        _, version, flags, _, _ = HELLO.unpack(data)
+        if version != VERSION:
+            raise ProtocolError(
+                f"the peer speaks loopfast protocol version {version}; "
+                f"this side speaks version {VERSION}")
+        self.peer_hello = data
+        peer_auth = bool(flags & HELLO_FLAG_AUTH)
+        if peer_auth and self.authkey is None:
+            raise AuthenticationError("the peer requires an authkey, and none was given")
+        if self.authkey is not None and not peer_auth:
+            raise AuthenticationError("the peer did not authenticate (it has no authkey)")
+
+    def _proof(self, label, first_hello, second_hello):
+        return hmac.new(self.authkey, label + first_hello + second_hello, "sha256").digest()
+
+    def send_proof(self):
+        if self.authkey is None:
+            return
+        label = PROOF_LABEL_LISTENER if self.role == LISTENER else PROOF_LABEL_CONNECTOR
+        self.channel._send_raw(self._proof(label, self.hello, self.peer_hello),
+                               timeout=self._remaining())
+
+    def check_proof(self):
+        if self.authkey is None:
+            return
+        received = self._read(PROOF_SIZE, AuthenticationError)
+        label = PROOF_LABEL_CONNECTOR if self.role == LISTENER else PROOF_LABEL_LISTENER
+        expected = self._proof(label, self.peer_hello, self.hello)
+        if not hmac.compare_digest(received, expected):
+            raise AuthenticationError("digest received was wrong")
+
+
+def _run(steps, channels):
+    try:
+        for step in steps:
+            step()
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        raise
+
+
+def handshake(channel, authkey, role, timeout):
+    """Run the whole handshake on `channel`; on any failure the channel is closed."""
+    side = Handshake(channel, authkey, role, timeout)
+    _run([side.send_hello, side.read_hello, side.send_proof, side.check_proof], [channel])
+
+
+def handshake_pair(listener_end, connector_end, authkey, timeout):
+    """Run both sides of one connection's handshake in this thread (for `Pipe()`)."""
+    a = Handshake(listener_end, authkey, LISTENER, timeout)
+    b = Handshake(connector_end, authkey, CONNECTOR, timeout)
+    _run([a.send_hello, b.send_hello, a.read_hello, b.read_hello,
+          a.send_proof, b.send_proof, a.check_proof, b.check_proof],
+         [listener_end, connector_end])

@@ -1,0 +1,39 @@
+"""Passing a Channel to a child process (a ``multiprocessing.Process`` argument, or inside a
+message), as multiprocessing does for its own connections: the socket is duplicated into the
+child under the fork, spawn and forkserver start methods."""
+
+import socket
+import sys
+from multiprocessing import reduction
+
+from ._channel import Channel
+
+
+def _rebuild(fd, readable, writable, max_message_size, buffered):
+    channel = Channel(fd, readable, writable, max_message_size=max_message_size)
+    if buffered:
+        channel._prefill(buffered)
+    return channel
+
+
+if sys.platform == "win32":  # pragma: no cover - exercised on the Windows CI runners
+    def _reduce_channel(channel):
+        from multiprocessing import resource_sharer
+        with socket.fromfd(channel.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
+            shared = resource_sharer.DupSocket(sock)
+        return _rebuild_from_socket, (shared, channel.readable, channel.writable,
+                                      channel.max_message_size, channel._buffered())
+
+    def _rebuild_from_socket(shared, readable, writable, max_message_size, buffered):
+        return _rebuild(shared.detach().detach(), readable, writable, max_message_size, buffered)
+else:
+    def _reduce_channel(channel):
+        shared = reduction.DupFd(channel.fileno())
+        return _rebuild_from_fd, (shared, channel.readable, channel.writable,
+                                  channel.max_message_size, channel._buffered())
+
+    def _rebuild_from_fd(shared, readable, writable, max_message_size, buffered):
+        return _rebuild(shared.detach(), readable, writable, max_message_size, buffered)
+
+
+reduction.register(Channel, _reduce_channel)
