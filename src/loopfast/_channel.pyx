@@ -41,6 +41,8 @@ cdef enum:
     # A frame up to this size is assembled with its header in one contiguous buffer and sent with
     # send(); above it, header and payload go out with one gather write (sendmsg) and no copy.
     SMALL_SEND_SIZE = 16 * 1024
+    # A recv() after a wait that returns at least this much says the peer outruns us.
+    RECV_PLENTY = 16 * 1024
     # Socket I/O on more than this many bytes releases the GIL (a large copy into the kernel).
     RELEASE_GIL_SIZE = 64 * 1024
 
@@ -257,6 +259,7 @@ cdef class Channel:
         """Receive at least one more byte into the receive buffer."""
         cdef Py_ssize_t n
         cdef int err
+        cdef bint waited
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
         elif self._rstart > 0 and self._rcap - self._rend < self._rcap // 4:
@@ -266,14 +269,17 @@ cdef class Channel:
             self._rend -= self._rstart
             self._rstart = 0
         while True:
-            if self._last_recv_was_empty:
+            waited = self._last_recv_was_empty
+            if waited:
                 # The last recv() found nothing: wait first, saving a recv() that would fail.
                 if self._wait(LF_POLLIN, deadline):
                     raise TimeoutError("timed out waiting for a message")
             n = lf_recv(self._fd, self._rbuf + self._rend, <size_t>(self._rcap - self._rend))
             if n > 0:
                 self._rend += n
-                self._last_recv_was_empty = False
+                # Try recv() first next time only if data is plentiful (a stream that outruns
+                # us); a request/response peer leaves nothing to read, so wait first there.
+                self._last_recv_was_empty = waited and n < RECV_PLENTY
                 return 0
             if n == 0:
                 if self._rend > self._rstart:
