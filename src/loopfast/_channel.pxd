@@ -60,11 +60,14 @@ cdef class Channel:
     # The unsent tail of a frame whose send timed out part-way; sent before any later frame.
     cdef object _send_rest          # bytes, or None
 
+    cdef int _blocked               # threads inside a GIL-released call on _fd (see close())
+    cdef lf_socket_t _deferred_close_fd  # closed by the last of them, after close() shut it down
     cdef char *_sbuf                # scratch space where a small frame is assembled for one send()
     cdef PyThread_type_lock _send_lock  # one sender at a time: frames never interleave
     cdef PyThread_type_lock _recv_lock  # one receiver at a time: each gets whole messages
     cdef object __weakref__
 
+    cdef int _unblocked(self) except -1
     cdef int _check_readable(self) except -1
     cdef int _check_writable(self) except -1
     cdef int _wait(self, short events, int64_t deadline) except -1

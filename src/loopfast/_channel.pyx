@@ -12,12 +12,13 @@ from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
-                               PyThread_allocate_lock, PyThread_free_lock,
-                               PyThread_release_lock)
+from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus,
+                               PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_release_lock)
 from libc.stdint cimport INT64_MAX, UINT64_MAX
 from libc.string cimport memcpy, memmove
 
+import warnings
 from multiprocessing.reduction import ForkingPickler
 
 from ._errors import BufferTooShort, ProtocolError
@@ -72,11 +73,22 @@ cdef int _raise_os_error(int err) except -1:
     return -1
 
 
+cdef extern from "pythread.h":
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag) nogil
+
+
 cdef inline int _lock(PyThread_type_lock lock) except -1:
-    if not PyThread_acquire_lock(lock, NOWAIT_LOCK):
+    """Take a channel lock; wait for it with the GIL released, interruptible by Ctrl-C."""
+    cdef PyLockStatus status
+    if PyThread_acquire_lock(lock, NOWAIT_LOCK):
+        return 0
+    while True:
         with nogil:
-            PyThread_acquire_lock(lock, WAIT_LOCK)
-    return 0
+            status = PyThread_acquire_lock_timed(lock, -1, 1)
+        if status == PY_LOCK_ACQUIRED:
+            return 0
+        PyErr_CheckSignals()
 
 
 cdef class Channel:
@@ -89,6 +101,8 @@ cdef class Channel:
 
     def __cinit__(self):
         self._fd = LF_INVALID_SOCKET
+        self._deferred_close_fd = LF_INVALID_SOCKET
+        self._blocked = 0
         self._rbuf = NULL
         self._sbuf = NULL
         self._send_lock = NULL
@@ -132,10 +146,17 @@ cdef class Channel:
         self._readable = readable
         self._writable = writable
 
+    def __del__(self):
+        if self._fd != LF_INVALID_SOCKET:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
     def __dealloc__(self):
         if self._fd != LF_INVALID_SOCKET:
             lf_close(self._fd)
             self._fd = LF_INVALID_SOCKET
+        if self._deferred_close_fd != LF_INVALID_SOCKET:
+            lf_close(self._deferred_close_fd)
         PyMem_Free(self._rbuf)
         PyMem_Free(self._sbuf)
         if self._send_lock != NULL:
@@ -183,14 +204,35 @@ cdef class Channel:
         return self._fd
 
     def close(self):
-        """Close the channel. Messages already received but not read are discarded."""
+        """Close the channel. Messages already received but not read are discarded.
+
+        A thread blocked in a receive or send on this channel wakes up and raises OSError.
+        """
         cdef lf_socket_t fd = self._fd
         if fd != LF_INVALID_SOCKET:
             self._fd = LF_INVALID_SOCKET
             self._pending = None
             self._send_rest = None
             self._rstart = self._rend = 0
-            lf_close(fd)
+            if self._blocked:
+                # Another thread is in poll()/recv()/send() on fd with the GIL released. Closing
+                # fd would not wake it (and the number could be reused under it): shut the
+                # socket down, which wakes it, and let the last such thread close fd.
+                lf_shutdown_both(fd)
+                self._deferred_close_fd = fd
+            else:
+                lf_close(fd)
+
+    cdef int _unblocked(self) except -1:
+        """Call (with the GIL) after a GIL-released call on the socket: raises OSError if the
+        channel was closed meanwhile, closing the socket if this was the last blocked thread."""
+        self._blocked -= 1
+        if self._fd == LF_INVALID_SOCKET:
+            if self._blocked == 0 and self._deferred_close_fd != LF_INVALID_SOCKET:
+                lf_close(self._deferred_close_fd)
+                self._deferred_close_fd = LF_INVALID_SOCKET
+            raise OSError("handle is closed (by another thread, while this one waited)")
+        return 0
 
     def __enter__(self):
         return self
@@ -243,9 +285,11 @@ cdef class Channel:
                     timeout_ms = 0
                 else:  # round up: never return before the deadline
                     timeout_ms = <int>min((remaining + 999999) // 1000000, 0x7fffffff)
+            self._blocked += 1
             with nogil:
                 rc = lf_poll(fd, events, timeout_ms, &revents)
                 err = lf_last_error()
+            self._unblocked()
             if rc > 0:
                 return 0
             if rc == 0:
@@ -272,6 +316,8 @@ cdef class Channel:
             memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
             self._rend -= self._rstart
             self._rstart = 0
+        if self._fd == LF_INVALID_SOCKET:
+            raise OSError("handle is closed")
         while True:
             waited = self._last_recv_was_empty
             if waited:
@@ -310,9 +356,11 @@ cdef class Channel:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
                 raise OSError("handle is closed")
+            self._blocked += 1
             with nogil:
                 n = lf_recv(fd, dst, <size_t>size)
                 err = lf_last_error()
+            self._unblocked()
             if n > 0:
                 return n
             if n == 0:
@@ -526,12 +574,17 @@ cdef class Channel:
         before the next frame, so the peer never sees half a frame followed by another."""
         cdef Py_ssize_t n, sent = 0
         cdef int err, i
-        cdef lf_socket_t fd = self._fd
+        cdef lf_socket_t fd
         while True:
+            fd = self._fd
+            if fd == LF_INVALID_SOCKET:
+                raise OSError("handle is closed")
             if total - sent > RELEASE_GIL_SIZE:
+                self._blocked += 1
                 with nogil:
                     n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
                     err = lf_last_error()
+                self._unblocked()
             else:
                 n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
                 err = lf_last_error()
