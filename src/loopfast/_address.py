@@ -8,6 +8,11 @@ query off the machine).
 
 import ipaddress
 import socket
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
+Resolver = Callable[..., Sequence[Tuple[Any, ...]]]
 
 __all__ = ["resolve", "check_peer", "family_from_name"]
 
@@ -19,14 +24,14 @@ _REFUSED = (
 )
 
 
-def family_from_name(family):
+def family_from_name(family: Union[str, int, None]) -> Optional[int]:
     """Map 'AF_INET' / 'AF_INET6' (multiprocessing's spelling) or None to a socket constant."""
     if family is None:
         return None
     if isinstance(family, int) and family in (socket.AF_INET, socket.AF_INET6):
         return family
     try:
-        return _FAMILIES[family]
+        return _FAMILIES[family]  # type: ignore[index]
     except (KeyError, TypeError):
         raise ValueError(
             f"unsupported family {family!r}: loopfast speaks TCP over loopback, "
@@ -34,21 +39,23 @@ def family_from_name(family):
         ) from None
 
 
-def _is_loopback(ip):
+def _is_loopback(ip: IPAddress) -> bool:
     if ip.is_loopback:
         return True
-    mapped = getattr(ip, "ipv4_mapped", None)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return mapped is not None and mapped.is_loopback
 
 
-def _parse_ip(host):
+def _parse_ip(host: str) -> Optional[IPAddress]:
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         return None
 
 
-def resolve(address, family=None, *, resolver=None):
+def resolve(
+    address: Any, family: Union[str, int, None] = None, *, resolver: Optional[Resolver] = None
+) -> Tuple[int, SockAddr]:
     """Check a (host, port) address and return (socket family, sockaddr) to bind or connect.
 
     Raises ValueError for anything that is not loopback. `resolver` defaults to
@@ -87,12 +94,14 @@ def resolve(address, family=None, *, resolver=None):
     return ip_family, (str(ip), port)
 
 
-def _resolve_localhost(host, port, fam, resolver):
+def _resolve_localhost(
+    host: str, port: int, fam: Optional[int], resolver: Resolver
+) -> Tuple[int, SockAddr]:
     try:
         infos = resolver(host, port, fam or 0, socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ValueError(f"cannot resolve {host!r}: {exc}") from None
-    found = []
+    found: List[Tuple[int, Any, Optional[IPAddress]]] = []
     for info in infos:
         info_family, sockaddr = info[0], info[4]
         if info_family not in (socket.AF_INET, socket.AF_INET6):
@@ -107,12 +116,13 @@ def _resolve_localhost(host, port, fam, resolver):
     if not found:
         raise ValueError(f"{host!r} does not resolve to any IPv4 or IPv6 address")
     info_family, sockaddr, ip = found[0]
+    assert ip is not None
     if info_family == socket.AF_INET6:
         return info_family, (str(ip), port, 0, 0)
     return info_family, (str(ip), port)
 
 
-def check_peer(sockaddr):
+def check_peer(sockaddr: Sequence[Any]) -> None:
     """Defense in depth: refuse an accepted connection whose peer is not a loopback address."""
     ip = _parse_ip(str(sockaddr[0]).split("%")[0])
     if ip is None or not _is_loopback(ip):

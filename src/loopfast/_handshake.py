@@ -8,6 +8,7 @@ stay in the channel's receive buffer for the frame parser.
 import hmac
 import os
 import time
+from typing import TYPE_CHECKING, Callable, List, Optional, Type
 
 from ._errors import AuthenticationError, ProtocolError
 from ._protocol import (
@@ -21,6 +22,9 @@ from ._protocol import (
     VERSION,
 )
 
+if TYPE_CHECKING:
+    from ._channel import Channel
+
 __all__ = ["Handshake", "handshake", "handshake_pair"]
 
 LISTENER = "listener"
@@ -31,7 +35,9 @@ class Handshake:
     """One side of the handshake on one channel, split into steps so that `Pipe()` can drive
     both ends of a connection from one thread."""
 
-    def __init__(self, channel, authkey, role, timeout):
+    def __init__(
+        self, channel: "Channel", authkey: Optional[bytes], role: str, timeout: Optional[float]
+    ) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         self.channel = channel
@@ -40,9 +46,9 @@ class Handshake:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         flags = HELLO_FLAG_AUTH if authkey is not None else 0
         self.hello = HELLO.pack(MAGIC, VERSION, flags, 0, os.urandom(NONCE_SIZE))
-        self.peer_hello = None
+        self.peer_hello = b""
 
-    def _remaining(self):
+    def _remaining(self) -> Optional[float]:
         if self.deadline is None:
             return None
         remaining = self.deadline - time.monotonic()
@@ -50,7 +56,7 @@ class Handshake:
             raise TimeoutError("the peer did not complete the loopfast handshake in time")
         return remaining
 
-    def _read(self, size, what):
+    def _read(self, size: int, what: Type[Exception]) -> bytes:
         data = b""
         while len(data) < size:
             try:
@@ -67,10 +73,10 @@ class Handshake:
                     f"instead of the {MAGIC!r} greeting")
         return data
 
-    def send_hello(self):
+    def send_hello(self) -> None:
         self.channel._send_raw(self.hello, timeout=self._remaining())
 
-    def read_hello(self):
+    def read_hello(self) -> None:
         data = self._read(HELLO.size, ProtocolError)
         _, version, flags, _, _ = HELLO.unpack(data)
         if version != VERSION:
@@ -84,17 +90,18 @@ class Handshake:
         if self.authkey is not None and not peer_auth:
             raise AuthenticationError("the peer did not authenticate (it has no authkey)")
 
-    def _proof(self, label, first_hello, second_hello):
+    def _proof(self, label: bytes, first_hello: bytes, second_hello: bytes) -> bytes:
+        assert self.authkey is not None
         return hmac.new(self.authkey, label + first_hello + second_hello, "sha256").digest()
 
-    def send_proof(self):
+    def send_proof(self) -> None:
         if self.authkey is None:
             return
         label = PROOF_LABEL_LISTENER if self.role == LISTENER else PROOF_LABEL_CONNECTOR
         self.channel._send_raw(self._proof(label, self.hello, self.peer_hello),
                                timeout=self._remaining())
 
-    def check_proof(self):
+    def check_proof(self) -> None:
         if self.authkey is None:
             return
         received = self._read(PROOF_SIZE, AuthenticationError)
@@ -104,7 +111,7 @@ class Handshake:
             raise AuthenticationError("digest received was wrong")
 
 
-def _run(steps, channels):
+def _run(steps: List[Callable[[], None]], channels: List["Channel"]) -> None:
     try:
         for step in steps:
             step()
@@ -114,13 +121,17 @@ def _run(steps, channels):
         raise
 
 
-def handshake(channel, authkey, role, timeout):
+def handshake(
+    channel: "Channel", authkey: Optional[bytes], role: str, timeout: Optional[float]
+) -> None:
     """Run the whole handshake on `channel`; on any failure the channel is closed."""
     side = Handshake(channel, authkey, role, timeout)
     _run([side.send_hello, side.read_hello, side.send_proof, side.check_proof], [channel])
 
 
-def handshake_pair(listener_end, connector_end, authkey, timeout):
+def handshake_pair(
+    listener_end: "Channel", connector_end: "Channel", authkey: bytes, timeout: Optional[float]
+) -> None:
     """Run both sides of one connection's handshake in this thread (for `Pipe()`)."""
     a = Handshake(listener_end, authkey, LISTENER, timeout)
     b = Handshake(connector_end, authkey, CONNECTOR, timeout)

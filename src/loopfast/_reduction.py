@@ -5,11 +5,14 @@ child under the fork, spawn and forkserver start methods."""
 import socket
 import sys
 from multiprocessing import reduction
+from typing import Any, Callable, Optional, Tuple
 
 from ._channel import Channel
 
 
-def _rebuild(fd, readable, writable, max_message_size, buffered):
+def _rebuild(
+    fd: int, readable: bool, writable: bool, max_message_size: Optional[int], buffered: bytes
+) -> Channel:
     channel = Channel(fd, readable, writable, max_message_size=max_message_size)
     if buffered:
         channel._prefill(buffered)
@@ -17,22 +20,26 @@ def _rebuild(fd, readable, writable, max_message_size, buffered):
 
 
 if sys.platform == "win32":  # pragma: no cover - exercised on the Windows CI runners
-    def _reduce_channel(channel):
+    def _reduce_channel(channel: Channel) -> Tuple[Callable[..., Channel], Tuple[Any, ...]]:
         from multiprocessing import resource_sharer
         with socket.fromfd(channel.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
             shared = resource_sharer.DupSocket(sock)
         return _rebuild_from_socket, (shared, channel.readable, channel.writable,
                                       channel.max_message_size, channel._buffered())
 
-    def _rebuild_from_socket(shared, readable, writable, max_message_size, buffered):
+    def _rebuild_from_socket(
+        shared: Any, readable: bool, writable: bool, max_message_size: Optional[int], buffered: bytes
+    ) -> Channel:
         return _rebuild(shared.detach().detach(), readable, writable, max_message_size, buffered)
 else:
-    def _reduce_channel(channel):
+    def _reduce_channel(channel: Channel) -> Tuple[Callable[..., Channel], Tuple[Any, ...]]:
         shared = reduction.DupFd(channel.fileno())
         return _rebuild_from_fd, (shared, channel.readable, channel.writable,
                                   channel.max_message_size, channel._buffered())
 
-    def _rebuild_from_fd(shared, readable, writable, max_message_size, buffered):
+    def _rebuild_from_fd(
+        shared: Any, readable: bool, writable: bool, max_message_size: Optional[int], buffered: bytes
+    ) -> Channel:
         return _rebuild(shared.detach(), readable, writable, max_message_size, buffered)
 
 

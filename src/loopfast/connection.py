@@ -9,6 +9,8 @@ import multiprocessing.connection
 import os
 import socket
 import time
+from types import TracebackType
+from typing import Any, Iterable, List, Optional, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
@@ -30,9 +32,10 @@ __all__ = [
 ]
 
 Connection = Channel
+Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
 
-def _check_authkey(authkey):
+def _check_authkey(authkey: object) -> None:
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
 
@@ -46,9 +49,16 @@ class Listener:
     the same key before any message is delivered.
     """
 
-    def __init__(self, address=None, family=None, backlog=1, authkey=None, *,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+    def __init__(
+        self,
+        address: Optional[Address] = None,
+        family: Optional[str] = None,
+        backlog: int = 1,
+        authkey: Optional[bytes] = None,
+        *,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+        handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
         _check_authkey(authkey)
         fam = family_from_name(family)
         if address is None:
@@ -64,15 +74,15 @@ class Listener:
         except BaseException:
             sock.close()
             raise
-        self._socket = sock
+        self._socket: Optional[socket.socket] = sock
         self._family = fam
-        self._address = sock.getsockname()[:2]
+        self._address: Tuple[str, int] = sock.getsockname()[:2]
         self._authkey = authkey
         self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
-        self._last_accepted = None
+        self._last_accepted: Optional[Tuple[str, int]] = None
 
-    def accept(self):
+    def accept(self) -> Channel:
         """Wait for a client, run the handshake (and authentication) and return its Channel."""
         if self._socket is None:
             raise OSError("listener is closed")
@@ -87,35 +97,46 @@ class Listener:
         handshake(channel, self._authkey, LISTENER, self._handshake_timeout)
         return channel
 
-    def close(self):
+    def close(self) -> None:
         """Stop listening. Channels already accepted stay open."""
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
 
     @property
-    def address(self):
+    def address(self) -> Tuple[str, int]:
         """The (host, port) the listener is bound to."""
         return self._address
 
     @property
-    def last_accepted(self):
+    def last_accepted(self) -> Optional[Tuple[str, int]]:
         """The (host, port) of the last accepted client, or None."""
         return self._last_accepted
 
-    def __enter__(self):
+    def __enter__(self) -> "Listener":
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._socket is None else f"address={self._address!r}"
         return f"<loopfast.Listener {state}>"
 
 
-def connect(address, *, family=None, authkey=None, timeout=None,
-            max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+def connect(
+    address: Address,
+    *,
+    family: Optional[str] = None,
+    authkey: Optional[bytes] = None,
+    timeout: Optional[float] = None,
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+) -> Channel:
     """Connect to a loopfast Listener at a loopback `address` and return a Channel.
 
     `timeout` bounds the connection and the handshake (default: the handshake timeout).
@@ -136,14 +157,25 @@ def connect(address, *, family=None, authkey=None, timeout=None,
     return channel
 
 
-def Client(address, family=None, authkey=None, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-           timeout=None):
+def Client(
+    address: Address,
+    family: Optional[str] = None,
+    authkey: Optional[bytes] = None,
+    *,
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+    timeout: Optional[float] = None,
+) -> Channel:
     """Connect to a Listener at `address` and return a Channel (as multiprocessing's Client)."""
     return connect(address, family=family, authkey=authkey, timeout=timeout,
                    max_message_size=max_message_size)
 
 
-def Pipe(duplex=True, *, family="AF_INET", max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+def Pipe(
+    duplex: bool = True,
+    *,
+    family: str = "AF_INET",
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+) -> Tuple[Channel, Channel]:
     """Return two connected Channels over loopback TCP (127.0.0.1, or ::1 with family='AF_INET6').
 
     With duplex=False the first is read-only and the second write-only. The two ends are
@@ -151,7 +183,7 @@ def Pipe(duplex=True, *, family="AF_INET", max_message_size=DEFAULT_MAX_MESSAGE_
     connection whose source port is the one this call opened, so another local process racing to
     connect to the short-lived port can never take the place of an end.
     """
-    fam = family_from_name(family)
+    fam = family_from_name(family) or socket.AF_INET
     host = "::1" if fam == socket.AF_INET6 else "127.0.0.1"
     deadline = time.monotonic() + DEFAULT_HANDSHAKE_TIMEOUT
     with socket.socket(fam, socket.SOCK_STREAM) as listening:
@@ -181,7 +213,7 @@ def Pipe(duplex=True, *, family="AF_INET", max_message_size=DEFAULT_MAX_MESSAGE_
     return first, second
 
 
-def wait(object_list, timeout=None):
+def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> List[Any]:
     """Wait until one or more objects in `object_list` are ready; return the ready ones.
 
     Accepts Channels, sockets, and anything with a fileno() (as multiprocessing.connection.wait).
