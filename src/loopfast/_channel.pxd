@@ -73,6 +73,7 @@ cdef class Channel:
     cdef int _wait(self, short events, int64_t deadline) except -1
     cdef int _fill(self, int64_t deadline) except -1
     cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1
+    cdef str _header_error(self)
     cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1
     cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind)
     cdef object _finish_pending(self, int64_t deadline)

@@ -15,7 +15,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus,
                                PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock)
-from libc.stdint cimport INT64_MAX, UINT64_MAX
+from libc.stdint cimport UINT64_MAX
 from libc.string cimport memcpy, memmove
 
 import warnings
@@ -75,6 +75,10 @@ cdef int _raise_os_error(int err) except -1:
     ConnectionResetError, BrokenPipeError, ...)."""
     lf_set_os_error(err)
     return -1
+
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
 
 
 cdef extern from "pythread.h":
@@ -379,24 +383,32 @@ cdef class Channel:
                 self._protocol_error(
                     f"connection lost in the middle of a message ({_os_error_text(err)})")
 
-    cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1:
-        """Parse and check the frame header at the start of the buffered bytes (there must be at
-        least HEADER_SIZE). Consumes nothing."""
+    cdef str _header_error(self):
+        """Check the frame header at the start of the buffered bytes (there must be at least
+        HEADER_SIZE): None if it is valid, else what is wrong with it. No side effects."""
         cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
         cdef uint64_t n = lf_load_u64le(h + 8)
         if (h[0] != KIND_BYTES and h[0] != KIND_PICKLE) or h[1] != 0 or h[2] != 0 or h[3] != 0 \
                 or lf_load_u32le(h + 4) != 0:
-            self._protocol_error(
-                "malformed frame header " + (<bytes>h[:HEADER_SIZE]).hex()
-                + " (is the peer a loopfast channel of the same protocol version?)")
+            return ("malformed frame header " + (<bytes>h[:HEADER_SIZE]).hex()
+                    + " (is the peer a loopfast channel of the same protocol version?)")
         if n > self._max_message_size:
-            self._protocol_error(
-                f"the peer announced a {n}-byte message, over this channel's "
-                f"max_message_size of {self._max_message_size_obj} bytes")
-        if n > <uint64_t>(INT64_MAX // 2):
-            self._protocol_error(f"the peer announced an impossible {n}-byte message")
+            return (f"the peer announced a {n}-byte message, over this channel's "
+                    f"max_message_size of {self._max_message_size_obj} bytes")
+        if n > <uint64_t>PY_SSIZE_T_MAX:
+            return f"the peer announced a {n}-byte message, too large for this machine"
+        return None
+
+    cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1:
+        """Parse the frame header at the start of the buffered bytes (there must be at least
+        HEADER_SIZE); a bad one closes the channel and raises ProtocolError, before anything is
+        allocated for the payload. Consumes nothing."""
+        cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+        error = self._header_error()
+        if error is not None:
+            self._protocol_error(error)
         kind[0] = h[0]
-        length[0] = <Py_ssize_t>n
+        length[0] = <Py_ssize_t>lf_load_u64le(h + 8)
         return 0
 
     cdef object _finish_pending(self, int64_t deadline):
@@ -564,11 +576,10 @@ cdef class Channel:
         cdef Py_ssize_t avail = self._rend - self._rstart
         if self._fd == LF_INVALID_SOCKET or avail < HEADER_SIZE or self._pending is not None:
             return False
-        try:
-            self._read_header(&kind, &length)
-        except ProtocolError:
-            return True  # the receive will raise it
-        return length <= avail - HEADER_SIZE
+        if self._header_error() is not None:
+            return True  # ready: the receive will raise the ProtocolError
+        return <Py_ssize_t>lf_load_u64le(<const unsigned char *>(self._rbuf + self._rstart + 8)) \
+            <= avail - HEADER_SIZE
 
     # ---- sending ----------------------------------------------------------------------------------
 
@@ -627,7 +638,13 @@ cdef class Channel:
         self._send_rest = None
         iov.base = PyBytes_AS_STRING(rest)
         iov.len = PyBytes_GET_SIZE(rest)
-        self._send_all(&iov, 1, iov.len, deadline)
+        try:
+            self._send_all(&iov, 1, iov.len, deadline)
+        except BaseException:
+            # Nothing of it went out (else _send_all kept the new, shorter rest): keep it all.
+            if self._send_rest is None and self._fd != LF_INVALID_SOCKET:
+                self._send_rest = rest
+            raise
         return 0
 
     cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size, int64_t deadline) except -1:

@@ -61,9 +61,9 @@ class Handshake:
         while len(data) < size:
             try:
                 data += self.channel._recv_raw(size - len(data), timeout=self._remaining())
-            except EOFError:
+            except (EOFError, ConnectionResetError) as exc:
                 raise what(f"the peer closed the connection during the handshake "
-                           f"(after {len(data)} of {size} bytes)") from None
+                           f"(after {len(data)} of {size} bytes: {exc})") from None
             except TimeoutError:
                 raise TimeoutError("the peer did not complete the loopfast handshake in time") \
                     from None

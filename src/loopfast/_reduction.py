@@ -22,10 +22,11 @@ def _rebuild(
 if sys.platform == "win32":  # pragma: no cover - exercised on the Windows CI runners
     def _reduce_channel(channel: Channel) -> Tuple[Callable[..., Channel], Tuple[Any, ...]]:
         from multiprocessing import resource_sharer
+        buffered = channel._buffered()  # first: it refuses a channel in mid-message
         with socket.fromfd(channel.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
             shared = resource_sharer.DupSocket(sock)
         return _rebuild_from_socket, (shared, channel.readable, channel.writable,
-                                      channel.max_message_size, channel._buffered())
+                                      channel.max_message_size, buffered)
 
     def _rebuild_from_socket(
         shared: Any, readable: bool, writable: bool, max_message_size: Optional[int], buffered: bytes
@@ -33,9 +34,10 @@ if sys.platform == "win32":  # pragma: no cover - exercised on the Windows CI ru
         return _rebuild(shared.detach().detach(), readable, writable, max_message_size, buffered)
 else:
     def _reduce_channel(channel: Channel) -> Tuple[Callable[..., Channel], Tuple[Any, ...]]:
+        buffered = channel._buffered()  # first: it refuses a channel in mid-message
         shared = reduction.DupFd(channel.fileno())
         return _rebuild_from_fd, (shared, channel.readable, channel.writable,
-                                  channel.max_message_size, channel._buffered())
+                                  channel.max_message_size, buffered)
 
     def _rebuild_from_fd(
         shared: Any, readable: bool, writable: bool, max_message_size: Optional[int], buffered: bytes
