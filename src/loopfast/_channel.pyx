@@ -364,19 +364,23 @@ cdef class Channel:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
                 raise OSError("handle is closed")
+            if self._last_recv_was_empty:
+                # The last read came back short: the socket is drained, wait before reading.
+                if self._wait(LF_POLLIN, deadline):
+                    raise TimeoutError("timed out in the middle of a message; "
+                                       "the next receive resumes it")
             self._blocked += 1
             with nogil:
                 n = lf_recv(fd, dst, <size_t>size)
                 err = lf_last_error()
             self._unblocked()
             if n > 0:
+                self._last_recv_was_empty = n < size
                 return n
             if n == 0:
                 self._protocol_error("the peer closed the connection in the middle of a message")
             if lf_error_would_block(err):
-                if self._wait(LF_POLLIN, deadline):
-                    raise TimeoutError("timed out in the middle of a message; "
-                                       "the next receive resumes it")
+                self._last_recv_was_empty = True
             elif lf_error_interrupted(err):
                 PyErr_CheckSignals()
             else:
@@ -588,13 +592,16 @@ cdef class Channel:
         interrupts) after part of them went out, the rest is copied to _send_rest and goes out
         before the next frame, so the peer never sees half a frame followed by another."""
         cdef Py_ssize_t n, sent = 0
-        cdef int err, i
+        cdef int err = 0, i
+        cdef bint full = False  # the last write was short: the socket buffer is full
         cdef lf_socket_t fd
         while True:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
                 raise OSError("handle is closed")
-            if total - sent > RELEASE_GIL_SIZE:
+            if full:
+                n = -1  # wait for room first rather than make a write that would fail
+            elif total - sent > RELEASE_GIL_SIZE:
                 self._blocked += 1
                 with nogil:
                     n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
@@ -613,9 +620,11 @@ cdef class Channel:
                     count -= 1
                 iov[0].base = <char *>iov[0].base + n
                 iov[0].len -= n
+                full = True
                 continue
             try:
-                if lf_error_would_block(err):
+                if full or lf_error_would_block(err):
+                    full = False
                     if self._wait(LF_POLLOUT, deadline):
                         raise TimeoutError("timed out sending a message" if sent == 0 else
                                            f"timed out after sending {sent} of {total} bytes of a "
