@@ -205,8 +205,6 @@ def test_client_resetting_mid_hello_is_a_protocol_error():
             accepting.result(timeout=30)
 
 
-@pytest.mark.xfail(reason="core bug: a reset that arrives before the listener sent its hello "
-                          "escapes from send_hello() as ConnectionResetError", strict=True)
 def test_client_resetting_before_accept_is_a_protocol_error():
     """A port scanner's connect-then-RST must not make accept() raise a bare OSError."""
     with loopfast.Listener(handshake_timeout=30) as listener:

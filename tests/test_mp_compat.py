@@ -396,9 +396,6 @@ def _not_a_buffer(pipe):
             _outcome(lambda: a.send_bytes(12), compare_message=False)]
 
 
-ORDER_REASON = ("core bug: recv_bytes checks maxlength before the handle state; multiprocessing "
-                "checks closed/readable first (OSError), loopfast raises ValueError")
-
 SCENARIOS = [
     pytest.param(_send_bytes_bad_offsets, id="send_bytes-bad-offsets"),
     pytest.param(_send_bytes_offsets_are_in_bytes, id="send_bytes-offsets-in-bytes"),
@@ -406,11 +403,9 @@ SCENARIOS = [
     pytest.param(_recv_bytes_into_offsets, id="recv_bytes_into-offsets"),
     pytest.param(_negative_maxlength, id="negative-maxlength"),
     pytest.param(_closed_handle, id="closed-handle"),
-    pytest.param(_closed_handle_negative_maxlength, id="closed-handle-negative-maxlength",
-                 marks=pytest.mark.xfail(reason=ORDER_REASON, strict=True)),
+    pytest.param(_closed_handle_negative_maxlength, id="closed-handle-negative-maxlength"),
     pytest.param(_wrong_direction, id="wrong-direction"),
-    pytest.param(_wrong_direction_negative_maxlength, id="wrong-direction-negative-maxlength",
-                 marks=pytest.mark.xfail(reason=ORDER_REASON, strict=True)),
+    pytest.param(_wrong_direction_negative_maxlength, id="wrong-direction-negative-maxlength"),
     pytest.param(_maxlength_exceeded_duplex, id="maxlength-exceeded-duplex"),
     pytest.param(_maxlength_exceeded_one_way, id="maxlength-exceeded-one-way"),
     pytest.param(_maxlength_fits, id="maxlength-fits"),

@@ -474,11 +474,11 @@ cdef class Channel:
         """
         cdef Py_ssize_t c_maxlength = -1
         cdef int kind
+        self._check_readable()
         if maxlength is not None:
             if maxlength < 0:
                 raise ValueError("negative maxlength")
             c_maxlength = maxlength
-        self._check_readable()
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock)
         try:

@@ -73,8 +73,14 @@ class Handshake:
                     f"instead of the {MAGIC!r} greeting")
         return data
 
+    def _write(self, data: bytes, what: Type[Exception]) -> None:
+        try:
+            self.channel._send_raw(data, timeout=self._remaining())
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise what(f"the peer closed the connection during the handshake ({exc})") from None
+
     def send_hello(self) -> None:
-        self.channel._send_raw(self.hello, timeout=self._remaining())
+        self._write(self.hello, ProtocolError)
 
     def read_hello(self) -> None:
         data = self._read(HELLO.size, ProtocolError)
@@ -98,8 +104,7 @@ class Handshake:
         if self.authkey is None:
             return
         label = PROOF_LABEL_LISTENER if self.role == LISTENER else PROOF_LABEL_CONNECTOR
-        self.channel._send_raw(self._proof(label, self.hello, self.peer_hello),
-                               timeout=self._remaining())
+        self._write(self._proof(label, self.hello, self.peer_hello), AuthenticationError)
 
     def check_proof(self) -> None:
         if self.authkey is None:

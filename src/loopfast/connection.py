@@ -189,28 +189,37 @@ def Pipe(
     with socket.socket(fam, socket.SOCK_STREAM) as listening:
         listening.bind((host, 0))
         listening.listen(8)
-        connecting = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            connecting.setblocking(False)
-            connecting.connect_ex(listening.getsockname())
-            expected = connecting.getsockname()[:2]
-            while True:
-                listening.settimeout(max(0.0, deadline - time.monotonic()))
-                accepted, peer = listening.accept()
-                if peer[:2] == expected:
-                    break
-                accepted.close()  # somebody else raced to our port: not our other end
-            error = connecting.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                accepted.close()
-                raise OSError(error, os.strerror(error))
-        except BaseException:
-            connecting.close()
-            raise
+        accepted, connecting = _connect_own_pair(listening, deadline)
     first = Channel(accepted.detach(), True, duplex, max_message_size=max_message_size)
     second = Channel(connecting.detach(), duplex, True, max_message_size=max_message_size)
     handshake_pair(first, second, os.urandom(32), max(0.0, deadline - time.monotonic()))
     return first, second
+
+
+def _connect_own_pair(
+    listening: socket.socket, deadline: float
+) -> Tuple[socket.socket, socket.socket]:
+    """Connect a new socket to `listening` and accept that connection; any other connection that
+    got into the backlog first (a local process racing for the port) is closed, never paired."""
+    connecting = socket.socket(listening.family, socket.SOCK_STREAM)
+    try:
+        connecting.setblocking(False)
+        connecting.connect_ex(listening.getsockname())
+        expected = connecting.getsockname()[:2]
+        while True:
+            listening.settimeout(max(0.0, deadline - time.monotonic()))
+            accepted, peer = listening.accept()
+            if peer[:2] == expected:
+                break
+            accepted.close()  # somebody else raced to our port: not our other end
+        error = connecting.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            accepted.close()
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        connecting.close()
+        raise
+    return accepted, connecting
 
 
 def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> List[Any]:
