@@ -1,0 +1,175 @@
+"""Command line: ``python -m loopfast <command>`` (also installed as the ``loopfast`` script).
+
+    python -m loopfast bench [--quick] [--json FILE]    loopfast beside its peers, one table
+
+The measuring is in _bench.py; this file parses arguments and prints the report as tables.
+"""
+
+import argparse
+import json
+import sys
+
+from . import _bench
+from ._bench import MiB, format_size, format_value
+
+
+def _run_bench(args):
+    if args.list:
+        print("cases (* = in the default run):")
+        for case in _bench.CASES.values():
+            print(f"  {'*' if case.default else ' '} {case.name:<16} {case.title}: "
+                  f"{', '.join(case.peers)}")
+        print("peers:")
+        for peer in _bench.PEERS.values():
+            print(f"    {peer.name:<16} {peer.label}")
+        return 0
+    unknown = [name for name in args.case or () if name not in _bench.CASES]
+    if unknown:
+        print(f"loopfast bench: unknown case(s) {', '.join(unknown)} "
+              f"(known: {', '.join(_bench.CASES)})", file=sys.stderr)
+        return 2
+    try:
+        report = _bench.run(args.case, quick=args.quick, rounds=args.rounds,
+                            memory=not args.no_memory, pin=args.pin)
+    except (_bench.BenchError, ValueError) as exc:
+        print(f"loopfast bench: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        print(f"loopfast bench: wrote every sample to {args.json}", file=sys.stderr)
+    return 0
+
+
+# ---- the report as text ------------------------------------------------------------------------
+
+_SHORT_REFERENCE = {"mp_pipe": "vs mp.Pipe", "mp_pipe_simplex": "vs mp simplex",
+                    "socket": "vs socket"}
+
+_TABLE_NOTES = """\
+Ratios: this row's median ÷ the reference's median, from this run. For µs lower is better
+(≤ 1 means faster); for msg/s and GB/s higher is better. Round trips: the median of the single
+round trips of a measurement. 1 and 16 MiB streams: recv_bytes_into one preallocated buffer (the
+socket loop: recv_into). Socket loop: 8-byte length header, sendall, recv_into, TCP_NODELAY."""
+
+
+def format_report(report):
+    """The report as the text tables `python -m loopfast bench` prints."""
+    env = report["environment"]
+    pin = report["settings"].get("pin", "none")
+    rounds = report["settings"]["rounds"]
+    usable = env.get("usable_cpus")
+    cpus = f"{env['cpu_count']} CPUs"
+    if usable not in (None, env["cpu_count"]):
+        cpus += f" ({usable} usable)"
+    load = env.get("load_average")
+    lines = [
+        (f"loopfast {env['loopfast_version']} ({env['loopfast_core']}) on {env['python']}, "
+         f"{env['platform']}"),
+        f"machine: {cpus}, {env.get('cpu_model') or env['machine']}"
+        + (f", load average {load[0]:.2f} at start" if load else "")
+        + f"; peer processes by {env['start_method']}",
+        f"{rounds} round{'' if rounds == 1 else 's'}, peers interleaved in rotated order"
+        + ("" if pin == "none" else f", processes pinned ({pin})") + "; "
+        f"figures are medians over the rounds; run took {report.get('duration_s', 0):.0f} s",
+        "",
+    ]
+    refs = sorted({ref for case in report["cases"] for ref in case["references"]},
+                  key=lambda ref: (list(_SHORT_REFERENCE) + [ref]).index(ref))
+    header = (["case", "peer", "median", "unit", "min–max"]
+              + [_SHORT_REFERENCE.get(ref, f"vs {ref}") for ref in refs])
+    rows = []
+    for case in report["cases"]:
+        first = True
+        for name, result in case["results"].items():
+            unit = case["unit"]
+            row = [case["title"] if first else "", result["label"],
+                   format_value(result["median"], unit), unit,
+                   f"{format_value(result['min'], unit)}–{format_value(result['max'], unit)}"]
+            for ref in refs:
+                ratio = case["ratios"].get(name, {}).get(ref)
+                row.append(f"{ratio['of_medians']:.2f}×" if ratio else "")
+            rows.append(row)
+            first = False
+    lines += _table(header, rows, right=set(range(2, len(header))) - {3})
+    lines += ["", _TABLE_NOTES]
+    for name, reason in report.get("skipped_peers", {}).items():
+        lines.append(f"skipped peer {name}: {reason}")
+    mem = report.get("memory")
+    if mem:
+        lines.append("")
+        if mem["skipped"]:
+            lines.append(f"memory: skipped ({mem['skipped']})")
+        else:
+            lines.append(f"Memory: one {format_size(mem['size'])} message between two processes; "
+                         f"rise of each one's peak RSS (VmHWM) during the call, worst sample")
+            header = ["peer", "side", "call", "extra memory", "× payload", "samples"]
+            rows = [[row["label"], row["side"], row["api"], f"{row['worst'] / MiB:.2f} MiB",
+                     f"{row['worst_ratio']:.3f}×", len(row["samples"])] for row in mem["rows"]]
+            lines += _table(header, rows, right={3, 4, 5})
+    return "\n".join(lines)
+
+
+def _table(header, rows, right=()):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+# ---- arguments -----------------------------------------------------------------------------------
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="loopfast",
+        description="loopfast: fast, authenticated message channels between processes over "
+                    "loopback TCP.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    bench = commands.add_parser(
+        "bench", help="measure loopfast beside multiprocessing.Pipe and a plain socket loop",
+        description="Measure loopfast.Pipe() beside multiprocessing.Pipe(), "
+                    "multiprocessing.Pipe(duplex=False) and a plain Python socket loop, in one "
+                    "run: repeated rounds with the peers interleaved, medians, and each figure's "
+                    "ratio to multiprocessing.Pipe (and, for streams, to the other peers). "
+                    "Progress goes to stderr, the tables to stdout.")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer rounds and messages (well under 30 s); noisier figures")
+    bench.add_argument("--json", metavar="FILE",
+                       help="also write every sample, median and ratio to FILE as JSON")
+    bench.add_argument("--rounds", type=_positive_int, metavar="N",
+                       help="rounds (default: 7, or 3 with --quick)")
+    bench.add_argument("--case", action="append", metavar="NAME",
+                       help="run only this case (repeatable; see --list)")
+    bench.add_argument("--pin", choices=_bench.PIN_MODES, default="none",
+                       help="CPU placement (Linux): 'split' pins this process and the peer "
+                            "process to two different CPUs, 'same' to one; default: the "
+                            "scheduler's choice")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory measurement")
+    bench.add_argument("--list", action="store_true", help="list the cases and peers, and exit")
+    bench.set_defaults(handler=_run_bench)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of ``python -m loopfast`` and of the ``loopfast`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
