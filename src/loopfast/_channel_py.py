@@ -1,0 +1,874 @@
+"""The pure-Python twin of the compiled channel (_channel.pyx): same API, semantics, exceptions and
+wire format, written for clarity.
+
+It is used where the extension is not available (other interpreters, ``LOOPFAST_NO_EXTENSIONS=1``,
+a platform without a wheel), and it is the readable specification and test oracle of the compiled
+channel: tests/test_twin.py runs the same behaviours on both and pairs one with the other.
+
+The design is the compiled one, expressed with the standard library:
+
+- the socket is nonblocking, with TCP_NODELAY; every wait is a ``select.poll()`` (``select.select``
+  where poll is missing, e.g. on Windows). Python retries a poll interrupted by a signal after
+  running the handler (PEP 475), so Ctrl-C raises KeyboardInterrupt out of a blocked receive;
+- a bytearray receive buffer that one ``recv_into`` fills with as many frames as have arrived;
+  small frames are cut out of it, a payload larger than 64 KiB is read straight into its final
+  object (see `_new_payload` for how the result is ``bytes`` without a copy);
+- a small frame is sent as one ``send()`` of header + payload; a large one as one
+  ``sendmsg([header, payload])`` gather write that never copies the payload;
+- a receive interrupted in the middle of a large payload (timeout, Ctrl-C) keeps what arrived, and
+  a send interrupted after part of a frame went out keeps the unsent rest, so the byte stream
+  always stays whole.
+
+Where the compiled channel does something different, this module says so in a comment marked
+"compiled:"; tests/test_twin.py has a test (xfail or skipped for the compiled one) for each
+difference that a caller could run into.
+"""
+
+import io
+import math
+import operator
+import select
+import socket
+import sys
+import threading
+import time
+import warnings
+from multiprocessing.reduction import ForkingPickler
+
+from ._errors import BufferTooShort, ProtocolError
+from ._protocol import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADER, KIND_BYTES, KIND_PICKLE
+
+__all__ = ["Channel"]
+
+# ---- sizes: the same values as the compiled channel (see _channel.pyx for the measurements) --------
+HEADER_SIZE = FRAME_HEADER.size  # 16: kind u8, flags u8, reserved u16, count u32, length u64 (LE)
+RECV_BUFFER_SIZE = 256 * 1024    # one recv_into of up to this much takes in every frame that arrived
+DIRECT_READ_THRESHOLD = 64 * 1024  # larger payloads skip the receive buffer
+SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
+RECV_PLENTY = 16 * 1024          # a recv after a wait that returns this much: the peer outruns us
+
+_UINT64_MAX = 2**64 - 1
+_C_LONG_MAX = 2**63 - 1 if sys.maxsize > 2**32 and sys.platform != "win32" else 2**31 - 1
+
+# MSG_NOSIGNAL: a send to a peer that has gone raises BrokenPipeError instead of raising SIGPIPE
+# (which would kill a process that restored the default SIGPIPE action). Missing on macOS and
+# Windows, where Python's default of ignoring SIGPIPE (or having none) gives the same result.
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+# sendmsg (gather write) is missing on Windows: there the header and payload of a large frame go
+# out with two send() calls, still without copying the payload.
+_HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+
+_POLLIN = getattr(select, "POLLIN", 1)
+_POLLOUT = getattr(select, "POLLOUT", 4)
+
+_dumps = ForkingPickler.dumps
+_loads = ForkingPickler.loads
+
+_CLOSED_WHILE_WAITING = "handle is closed (by another thread, while this one waited)"
+
+
+# ---- argument conversion, as Cython converts arguments to C types ------------------------------------
+
+def _ssize(value):
+    """`value` as a Py_ssize_t argument: an integer (never a float) that fits in a C ssize_t."""
+    value = operator.index(value)
+    if not -sys.maxsize - 1 <= value <= sys.maxsize:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return value
+
+
+def _as_double(value):
+    """`value` as a C double, as Cython converts it (PyFloat_AsDouble): numbers only, never
+    strings (float("1") would accept one). fsum of one value is that value, with
+    PyFloat_AsDouble's checks and messages."""
+    return math.fsum((value,))
+
+
+def _deadline(timeout):
+    """Absolute time.monotonic_ns() deadline for a timeout in seconds; -1 for no deadline."""
+    if timeout is None:
+        return -1
+    seconds = _as_double(timeout)
+    if math.isnan(seconds):
+        raise ValueError("timeout must be a number, not NaN")
+    if seconds <= 0:
+        return time.monotonic_ns()
+    if seconds > 1e9:  # ~32 years: as good as no limit, and keeps the arithmetic in 64 bits
+        return -1
+    return time.monotonic_ns() + int(seconds * 1e9)
+
+
+# ---- buffers ---------------------------------------------------------------------------------------
+
+def _byte_view(obj, *, writable):
+    """A 1-D memoryview of unsigned bytes over `obj`'s buffer (offsets and sizes are in bytes,
+    whatever the item type: an array('i'), a 2-D numpy array...).
+
+    For sending (writable=False) a non-contiguous buffer is copied once into C order, as
+    multiprocessing does; for receiving into (writable=True) it is refused, as a read-only
+    buffer is. The caller must release() the view (the buffer of a bytearray cannot be resized
+    while a view of it exists).
+    """
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        # The message of the compiled channel (PyObject_GetBuffer), without "memoryview: ".
+        raise TypeError(f"a bytes-like object is required, not '{type(obj).__name__}'") from None
+    if writable:
+        if view.readonly:
+            view.release()
+            raise BufferError("Object is not writable.")
+        if not view.c_contiguous:
+            view.release()
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    elif not view.c_contiguous:
+        data = view.tobytes()  # C order
+        view.release()
+        view = memoryview(data)
+    if view.ndim == 1 and view.format == "B":
+        return view
+    flat = view.cast("B")
+    view.release()  # `flat` keeps the underlying buffer exported until it is released
+    return flat
+
+
+def _contiguous_view(obj):
+    """A 1-D byte view of a C-contiguous buffer; no copy, no fallback (for _send_raw)."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not '{type(obj).__name__}'") from None
+    if not view.c_contiguous:
+        view.release()
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    if view.ndim == 1 and view.format == "B":
+        return view
+    flat = view.cast("B")
+    view.release()
+    return flat
+
+
+def _new_payload(size):
+    """A writable buffer of `size` bytes for a large payload, allocated once, which becomes the
+    `bytes` that recv_bytes() returns *without a copy*.
+
+    The copy question: a bytearray filled by recv_into would need bytes(bytearray) at the end, a
+    second allocation and a full copy (peak memory twice the message). Instead the payload is
+    the internal buffer of an io.BytesIO: getbuffer() is a writable view of it, and once every
+    view is released, getvalue() returns that very bytes object when it is exactly filled
+    (CPython's BytesIO shares its buffer; on other interpreters getvalue() may copy, which is
+    still correct). Writing one byte at position size - 1 sizes the buffer exactly.
+    """
+    payload = io.BytesIO()
+    payload.seek(size - 1)
+    payload.write(b"\0")
+    return payload
+
+
+def _remaining_views(parts, start):
+    """Views of `parts` (byte buffers) from byte `start` of their concatenation on."""
+    views = []
+    for part in parts:
+        if start >= len(part):
+            start -= len(part)
+            continue
+        views.append(memoryview(part)[start:])
+        start = 0
+    return views
+
+
+def _release_all(views):
+    for view in views:
+        view.release()
+
+
+if hasattr(select, "poll"):
+    def _poll_fd(fd, events, timeout_ms):
+        """True if `fd` is ready for `events` (or has an error/hang-up) within timeout_ms
+        (-1: no limit)."""
+        poller = select.poll()  # one per wait: poll objects must not be shared between threads
+        poller.register(fd, events)
+        return bool(poller.poll(timeout_ms))
+else:  # pragma: no cover - Windows
+    def _poll_fd(fd, events, timeout_ms):
+        readers = [fd] if events == _POLLIN else []
+        writers = [fd] if events == _POLLOUT else []
+        timeout = None if timeout_ms < 0 else timeout_ms / 1000
+        ready = select.select(readers, writers, [fd], timeout)
+        return any(ready)
+
+
+class Channel:
+    """One end of a framed, bidirectional loopback connection.
+
+    ``Channel(fd, readable=True, writable=True, *, max_message_size=...)`` takes ownership of a
+    connected TCP socket's file descriptor whose handshake is done; applications get channels from
+    ``Pipe()``, ``Client()``, ``Listener.accept()`` or ``Channel.connect()``.
+    """
+
+    # Slots: like the compiled class, no per-instance __dict__ (no stray attributes). Grouped by
+    # purpose, not sorted.
+    __slots__ = (  # noqa: RUF023
+        "_sock",             # the socket.socket owning the fd; None once closed
+        "_fd",               # its file descriptor (for fileno() and repr)
+        "_readable", "_writable",
+        "_max_message_size",      # int; 2**64 - 1 when there is no limit
+        "_max_message_size_obj",  # as given (int or None), for the property and messages
+        # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed.
+        "_rbuf", "_rview", "_rstart", "_rend",
+        "_last_recv_was_empty",   # the previous fill found no data: wait before the next recv
+        # A large payload being read straight into its final object (see _new_payload). While it
+        # is incomplete (a timeout interrupted it) it stays here, so the next receive resumes it.
+        "_pending", "_pending_size", "_pending_filled",
+        "_send_rest",        # the unsent tail of a frame whose send was interrupted, or None
+        "_send_lock", "_recv_lock",  # one sender / one receiver at a time: frames never interleave
+        # close() from another thread while one waits in poll(): see close() and _unblocked().
+        "_state_lock", "_blocked", "_deferred_close",
+        "__weakref__",
+    )
+
+    def __init__(self, fd, readable=True, writable=True, *,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+        # The state of a channel that owns nothing, first: __del__ and close() rely on it if a
+        # check below fails (the compiled class does this in __cinit__).
+        self._sock = None
+        self._fd = -1
+        self._readable = self._writable = False
+        self._deferred_close = None
+        readable = bool(readable)
+        writable = bool(writable)
+        if not readable and not writable:
+            raise ValueError("at least one of `readable` and `writable` must be True")
+        if max_message_size is None:
+            limit = _UINT64_MAX
+        else:
+            if max_message_size < 0:
+                raise ValueError("max_message_size must be >= 0 or None")
+            # compiled: a float is truncated to an integer here; the twin refuses it.
+            limit = operator.index(max_message_size)
+            if limit > _UINT64_MAX:
+                raise OverflowError("Python int too large to convert to C unsigned long")
+        # compiled: a float fd is truncated to an integer (Channel(3.5) wraps fd 3); refused here.
+        fd_number = operator.index(fd)
+        if fd_number > _C_LONG_MAX:
+            raise OverflowError("Python int too large to convert to C long")
+        if fd_number < 0:
+            raise ValueError("invalid file descriptor")
+        self._max_message_size = limit
+        self._max_message_size_obj = max_message_size
+        self._rbuf = bytearray(RECV_BUFFER_SIZE)
+        self._rview = memoryview(self._rbuf)  # slices of it are what recv_into fills
+        self._rstart = self._rend = 0
+        self._last_recv_was_empty = True
+        self._pending = None
+        self._pending_size = self._pending_filled = 0
+        self._send_rest = None
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._state_lock = threading.RLock()  # reentrant: close() may run in a signal handler
+        self._blocked = 0
+        # Wrapping the fd: socket.socket(fileno=fd) takes it over (it raises for a closed fd or
+        # one that is not a socket, and then does not own it).
+        # compiled: takes any open fd (a pipe too); the first receive then fails (ENOTSOCK).
+        sock = socket.socket(fileno=fd_number)
+        try:
+            sock.setblocking(False)
+        except BaseException:
+            sock.detach()  # a failed constructor leaves the fd to the caller, as the compiled one
+            raise
+        # TCP_NODELAY: a message is sent when send_bytes() returns, never held back by Nagle.
+        # It fails (harmlessly) only on a socket that is not TCP, e.g. a socketpair().
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        # Socket buffer sizes are left to the kernel (see _channel.pyx for the measurements).
+        self._sock = sock
+        self._fd = fd_number
+        self._readable = readable
+        self._writable = writable
+
+    def __del__(self):
+        if getattr(self, "_sock", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
+    def __reduce__(self):
+        # A channel crosses to another process through multiprocessing's reduction (see
+        # _reduction.py), which duplicates the socket; plain pickling cannot.
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
+    @classmethod
+    def connect(cls, address, *, authkey=None, timeout=None,
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None):
+        """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
+
+        `timeout` (seconds) bounds the connection and the handshake.
+        """
+        from .connection import connect
+        return connect(address, family=family, authkey=authkey, timeout=timeout,
+                       max_message_size=max_message_size)
+
+    # ---- properties and small methods ----------------------------------------------------------------
+
+    @property
+    def closed(self):
+        """True once the channel is closed."""
+        return self._sock is None
+
+    @property
+    def readable(self):
+        """True if the channel can receive."""
+        return self._readable
+
+    @property
+    def writable(self):
+        """True if the channel can send."""
+        return self._writable
+
+    @property
+    def max_message_size(self):
+        """Largest payload accepted from the peer, in bytes (None: no limit)."""
+        return self._max_message_size_obj
+
+    def fileno(self):
+        """The socket's file descriptor."""
+        if self._sock is None:
+            raise OSError("handle is closed")
+        return self._fd
+
+    def close(self):
+        """Close the channel. Messages already received but not read are discarded.
+
+        A thread blocked in a receive or send on this channel wakes up and raises OSError.
+        """
+        with self._state_lock:
+            sock = self._sock
+            if sock is None:
+                return
+            self._sock = None
+            self._pending = None
+            self._send_rest = None
+            self._rstart = self._rend = 0
+            if self._blocked:
+                # Another thread waits in poll() on this fd. Closing it would not wake that
+                # thread (and the number could be reused under it): shut the socket down, which
+                # wakes it, and let the last such thread close it (_unblocked).
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._deferred_close = sock
+                return
+        try:
+            sock.close()  # socket.close() marks it closed first: its finalizer never closes again
+        except OSError:
+            pass  # as close(2)'s result in the compiled channel: the fd is gone either way
+
+    def _unblocked(self):
+        """Call after a wait: raises OSError if the channel was closed meanwhile, closing the
+        socket if this was the last waiting thread."""
+        with self._state_lock:
+            self._blocked -= 1
+            if self._sock is not None:
+                return
+            deferred = None
+            if self._blocked == 0:
+                deferred, self._deferred_close = self._deferred_close, None
+        if deferred is not None:
+            deferred.close()
+        raise OSError(_CLOSED_WHILE_WAITING)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._sock is None else f"fd={self._fd}"
+        mode = ("r" if self._readable else "") + ("w" if self._writable else "")
+        return f"<loopfast.Channel {state} mode={mode!r}>"
+
+    def _check_readable(self):
+        if self._sock is None:
+            raise OSError("handle is closed")
+        if not self._readable:
+            raise OSError("connection is write-only")
+
+    def _check_writable(self):
+        if self._sock is None:
+            raise OSError("handle is closed")
+        if not self._writable:
+            raise OSError("connection is read-only")
+
+    def _protocol_error(self, message):
+        """The stream can no longer be trusted: close, and return the ProtocolError to raise."""
+        self.close()
+        return ProtocolError(message)
+
+    # ---- waiting ---------------------------------------------------------------------------------------
+
+    def _wait(self, events, deadline):
+        """Wait until the socket is ready for `events` (_POLLIN or _POLLOUT). Returns False when
+        ready, True when the deadline passed first."""
+        while True:
+            with self._state_lock:
+                if self._sock is None:
+                    raise OSError("handle is closed")
+                self._blocked += 1
+            if deadline < 0:
+                timeout_ms = -1
+            else:
+                remaining = deadline - time.monotonic_ns()
+                # Round up: never return before the deadline.
+                timeout_ms = 0 if remaining <= 0 else min((remaining + 999_999) // 1_000_000,
+                                                          0x7FFFFFFF)
+            try:
+                ready = _poll_fd(self._fd, events, timeout_ms)
+            finally:
+                self._unblocked()
+            if ready:
+                return False
+            if timeout_ms == 0 or time.monotonic_ns() >= deadline:
+                return True
+
+    # ---- receiving -------------------------------------------------------------------------------------
+
+    def _fill(self, deadline):
+        """Receive at least one more byte into the receive buffer."""
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif self._rstart > 0 and RECV_BUFFER_SIZE - self._rend < RECV_BUFFER_SIZE // 4:
+            # Any frame kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE, well under
+            # 3/4 of it, so after this move there is always room to receive into.
+            kept = self._rend - self._rstart
+            self._rview[:kept] = self._rview[self._rstart:self._rend]
+            self._rstart, self._rend = 0, kept
+        while True:
+            sock = self._sock
+            if sock is None:
+                raise OSError("handle is closed")
+            waited = self._last_recv_was_empty
+            # The last recv found nothing: wait first, saving a recv that would fail.
+            if waited and self._wait(_POLLIN, deadline):
+                raise TimeoutError("timed out waiting for a message")
+            error = None
+            try:
+                n = sock.recv_into(self._rview[self._rend:])
+            except BlockingIOError:
+                self._last_recv_was_empty = True
+                continue
+            except OSError as exc:
+                error = exc
+            if error is not None:
+                if self._sock is None:
+                    raise OSError(_CLOSED_WHILE_WAITING)
+                if self._rend > self._rstart:
+                    raise self._protocol_error(
+                        "connection lost in the middle of a message "
+                        f"({error.strerror or error})") from error
+                raise error
+            if n > 0:
+                self._rend += n
+                # Try recv first next time only if data is plentiful (a stream that outruns us);
+                # a request/response peer leaves nothing to read, so wait first there.
+                self._last_recv_was_empty = waited and n < RECV_PLENTY
+                return
+            if self._rend > self._rstart:
+                raise self._protocol_error(
+                    "the peer closed the connection in the middle of a message")
+            raise EOFError("the peer closed the connection")
+
+    def _recv_some(self, view, start, size, deadline):
+        """Receive between 1 and `size` bytes of a payload straight into view[start:] (its
+        final home). The connection ending here is always in the middle of a message."""
+        while True:
+            sock = self._sock
+            if sock is None:
+                raise OSError("handle is closed")
+            # The last read came back short: the socket is drained, wait before reading.
+            if self._last_recv_was_empty and self._wait(_POLLIN, deadline):
+                raise TimeoutError("timed out in the middle of a message; "
+                                   "the next receive resumes it")
+            error = None
+            n = -1
+            try:
+                # A slice view, released at once: a view left alive (say, in a traceback) would
+                # keep the caller's buffer exported and force _new_payload's result to be copied.
+                with view[start:start + size] as part:
+                    n = sock.recv_into(part)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                error = exc
+            if error is not None:
+                if self._sock is None:
+                    raise OSError(_CLOSED_WHILE_WAITING)
+                raise self._protocol_error(
+                    f"connection lost in the middle of a message ({error.strerror or error})"
+                ) from error
+            if n > 0:
+                self._last_recv_was_empty = n < size
+                return n
+            if n == 0:
+                raise self._protocol_error(
+                    "the peer closed the connection in the middle of a message")
+            self._last_recv_was_empty = True
+
+    def _header_error(self):
+        """Check the frame header at the start of the buffered bytes (there must be at least
+        HEADER_SIZE): None if it is valid, else what is wrong with it. No side effects."""
+        kind, flags, reserved, count, length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)
+        if kind not in (KIND_BYTES, KIND_PICKLE) or flags or reserved or count:
+            header = bytes(self._rview[self._rstart:self._rstart + HEADER_SIZE])
+            return ("malformed frame header " + header.hex()
+                    + " (is the peer a loopfast channel of the same protocol version?)")
+        if length > self._max_message_size:
+            return (f"the peer announced a {length}-byte message, over this channel's "
+                    f"max_message_size of {self._max_message_size_obj} bytes")
+        if length > sys.maxsize:
+            return f"the peer announced a {length}-byte message, too large for this machine"
+        return None
+
+    def _read_header(self):
+        """Return the payload length of the (whole, buffered) frame header at _rstart. A bad
+        header closes the channel and raises ProtocolError, before anything is allocated for the
+        payload. Consumes nothing. (The kind is checked but not returned: receivers treat both
+        kinds alike, docs/protocol.md.)"""
+        error = self._header_error()
+        if error is not None:
+            raise self._protocol_error(error)
+        return FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4]
+
+    def _start_pending(self, size, first_part):
+        """Make a large payload of `size` bytes pending, with `first_part` already received."""
+        payload = _new_payload(size)
+        filled = len(first_part)
+        with payload.getbuffer() as view:
+            view[:filled] = first_part
+        self._pending = payload
+        self._pending_size = size
+        self._pending_filled = filled
+
+    def _finish_pending(self, deadline):
+        """Receive the rest of the pending payload and return it as bytes."""
+        payload = self._pending
+        size = self._pending_size
+        with payload.getbuffer() as view:
+            while self._pending_filled < size:
+                self._pending_filled += self._recv_some(
+                    view, self._pending_filled, size - self._pending_filled, deadline)
+        self._pending = None
+        return payload.getvalue()  # the filled buffer itself: no copy (see _new_payload)
+
+    def _recv_frame(self, deadline, maxlength):
+        """Receive one whole message and return its payload as bytes (a large one allocated
+        once, at its final size). maxlength None: no limit."""
+        if self._pending is not None:
+            if maxlength is not None and self._pending_size > maxlength:
+                self._bad_message_length()
+            return self._finish_pending(deadline)
+        while True:
+            avail = self._rend - self._rstart
+            if avail >= HEADER_SIZE:
+                length = self._read_header()
+                if maxlength is not None and length > maxlength:
+                    self._bad_message_length()
+                start = self._rstart + HEADER_SIZE
+                if length <= avail - HEADER_SIZE:
+                    out = bytes(self._rview[start:start + length])
+                    self._rstart = start + length
+                    return out
+                if length > DIRECT_READ_THRESHOLD:
+                    self._start_pending(length, self._rview[start:self._rend])
+                    self._rstart = self._rend = 0
+                    return self._finish_pending(deadline)
+            self._fill(deadline)
+
+    def _bad_message_length(self):
+        # As multiprocessing does: the stream is left mid-message, so reading is over.
+        if self._writable:
+            self._readable = False
+        else:
+            self.close()
+        raise OSError("bad message length")
+
+    def recv_bytes(self, maxlength=None, *, timeout=None):
+        """Receive one message sent with send_bytes() (or send()) and return its payload as bytes.
+
+        Blocks until a whole message has arrived, or until `timeout` seconds have passed
+        (TimeoutError; the stream stays intact). Raises EOFError if the peer closed the
+        connection between messages, ProtocolError if it vanished in the middle of one, and
+        OSError (and the channel stops reading) if the message is longer than `maxlength`.
+        """
+        self._check_readable()  # first, as multiprocessing does
+        if maxlength is not None:
+            if maxlength < 0:
+                raise ValueError("negative maxlength")
+            maxlength = _ssize(maxlength)
+        deadline = _deadline(timeout)
+        with self._recv_lock:  # a lock wait is interruptible by Ctrl-C, as in the compiled one
+            return self._recv_frame(deadline, maxlength)
+
+    def recv(self, *, timeout=None):
+        """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
+        self._check_readable()
+        deadline = _deadline(timeout)
+        with self._recv_lock:
+            payload = self._recv_frame(deadline, None)
+        return _loads(payload)
+
+    def recv_bytes_into(self, buf, offset=0, *, timeout=None):
+        """Receive one message into the writable buffer `buf`, starting `offset` bytes in, and
+        return its size in bytes. A large payload is read from the socket straight into `buf`.
+
+        If the message does not fit, raises BufferTooShort with the whole message as args[0].
+        """
+        offset = _ssize(offset)
+        self._check_readable()
+        dst = _byte_view(buf, writable=True)
+        try:
+            if offset < 0:
+                raise ValueError("negative offset")
+            if offset > len(dst):
+                raise ValueError("offset too large")
+            deadline = _deadline(timeout)
+            with self._recv_lock:
+                return self._recv_into(dst, offset, deadline)
+        finally:
+            dst.release()
+
+    def _recv_into(self, dst, offset, deadline):
+        space = len(dst) - offset
+        if self._pending is not None:
+            payload = self._recv_frame(deadline, None)
+            if len(payload) > space:
+                raise BufferTooShort(payload)
+            dst[offset:offset + len(payload)] = payload
+            return len(payload)
+        while True:
+            avail = self._rend - self._rstart
+            if avail >= HEADER_SIZE:
+                length = self._read_header()
+                if length > space:
+                    raise BufferTooShort(self._recv_frame(deadline, None))
+                start = self._rstart + HEADER_SIZE
+                if length <= avail - HEADER_SIZE:
+                    dst[offset:offset + length] = self._rview[start:start + length]
+                    self._rstart = start + length
+                    return length
+                if length > DIRECT_READ_THRESHOLD:
+                    break
+            self._fill(deadline)
+        # A large payload: straight from the socket into the caller's buffer.
+        filled = avail - HEADER_SIZE
+        dst[offset:offset + filled] = self._rview[start:self._rend]
+        self._rstart = self._rend = 0
+        try:
+            while filled < length:
+                filled += self._recv_some(dst, offset + filled, length - filled, deadline)
+        except BaseException:
+            if self._sock is not None:
+                # Interrupted (timeout, Ctrl-C): keep what arrived so that the next receive
+                # resumes this message. Only this rare path copies.
+                self._start_pending(length, dst[offset:offset + filled])
+            raise
+        return length
+
+    def poll(self, timeout=0.0):
+        """Return whether there is data to read, waiting up to `timeout` seconds (None: no limit).
+
+        Never reads from the socket, so it never consumes or splits a message.
+        """
+        self._check_readable()
+        if self._rend > self._rstart or self._pending is not None:
+            return True
+        return not self._wait(_POLLIN, _deadline(timeout))
+
+    def _has_message(self):
+        """True if a whole message is already in the receive buffer (no syscall)."""
+        avail = self._rend - self._rstart
+        if self._sock is None or avail < HEADER_SIZE or self._pending is not None:
+            return False
+        if self._header_error() is not None:
+            return True  # ready: the receive will raise the ProtocolError
+        return FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4] <= avail - HEADER_SIZE
+
+    # ---- sending ---------------------------------------------------------------------------------------
+
+    def _send_some(self, sock, parts, sent):
+        """One send() (or sendmsg() gather write) of `parts` from byte `sent` on; returns the
+        number of bytes the kernel took."""
+        if len(parts) == 1 and sent == 0:
+            return sock.send(parts[0], _SEND_FLAGS)
+        views = _remaining_views(parts, sent)
+        try:
+            if len(views) > 1 and _HAVE_SENDMSG:
+                return sock.sendmsg(views, (), _SEND_FLAGS)
+            return sock.send(views[0], _SEND_FLAGS)  # one part (or, without sendmsg, the next)
+        finally:
+            _release_all(views)
+
+    def _send_all(self, parts, deadline, *, flushing=False):
+        """Write all bytes of `parts` (byte buffers, sent as one stream). If the deadline passes
+        (or a signal interrupts) after some of them went out, the rest is copied to _send_rest
+        and goes out before the next frame, so the peer never sees half a frame followed by
+        another. `flushing`: `parts` is an earlier frame's _send_rest."""
+        total = sum(len(part) for part in parts)
+        sent = 0
+        full = False  # the last write was short: the socket buffer is full
+        try:
+            while True:
+                sock = self._sock
+                if sock is None:
+                    raise OSError("handle is closed")
+                error = None
+                n = -1  # -1: wait for room first
+                if full:
+                    full = False  # wait rather than make a write that would fail
+                else:
+                    try:
+                        n = self._send_some(sock, parts, sent)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        error = exc
+                if error is not None:
+                    if self._sock is None:
+                        raise OSError(_CLOSED_WHILE_WAITING)
+                    raise error
+                if n >= 0:
+                    sent += n
+                    if sent == total:
+                        return
+                    full = True
+                    continue
+                if self._wait(_POLLOUT, deadline):
+                    if flushing:
+                        # The caller must be able to tell whether to send this message again.
+                        # compiled: "timed out sending a message", or "timed out after sending
+                        # N of M bytes of a message; the rest goes out before the next message"
+                        # with N and M counting the earlier frame's rest, which reads as if part
+                        # of *this* message went out and will follow; none of it did.
+                        raise TimeoutError(
+                            f"timed out sending the rest of an earlier message ({sent} of the "
+                            f"{total} bytes left went out); this message was not sent")
+                    if sent == 0:
+                        raise TimeoutError("timed out sending a message")
+                    raise TimeoutError(f"timed out after sending {sent} of {total} bytes of a "
+                                       "message; the rest goes out before the next message")
+        except BaseException:
+            if sent > 0 and self._sock is not None:
+                views = _remaining_views(parts, sent)
+                self._send_rest = b"".join(views)
+                _release_all(views)
+            raise
+
+    def _flush_rest(self, deadline):
+        # _send_rest is cleared only once all of it went out: if this send is interrupted
+        # before any byte of it went out, the rest must still go before the next frame.
+        # (_send_all replaces it with a shorter rest if only some of it went out.)
+        self._send_all([self._send_rest], deadline, flushing=True)
+        self._send_rest = None
+
+    def _send_frame(self, kind, payload, deadline):
+        """Send one frame; `payload` is a 1-D byte buffer (bytes or a 'B' memoryview)."""
+        if self._send_rest is not None:
+            self._flush_rest(deadline)
+        size = len(payload)
+        header = FRAME_HEADER.pack(kind, 0, 0, 0, size)
+        if size <= SMALL_SEND_SIZE:
+            # One contiguous send(): for small frames a copy is cheaper than a gather write.
+            self._send_all([header + payload], deadline)
+        else:
+            # One gather write; the payload is never copied.
+            self._send_all([header, payload], deadline)
+
+    def _send_buffer(self, kind, obj, offset, size, deadline):
+        view = _byte_view(obj, writable=False)
+        try:
+            if offset < 0:
+                raise ValueError("offset is negative")
+            if len(view) < offset:
+                raise ValueError("buffer length < offset")
+            if size is None:
+                size = len(view) - offset
+            else:
+                size = _ssize(size)
+                if size < 0:
+                    raise ValueError("size is negative")
+                if offset + size > len(view):
+                    raise ValueError("buffer length < offset + size")
+            with view[offset:offset + size] as payload, self._send_lock:
+                self._send_frame(kind, payload, deadline)
+        finally:
+            view.release()
+
+    def send_bytes(self, buf, offset=0, size=None, *, timeout=None):
+        """Send the bytes of a buffer-protocol object (bytes, bytearray, memoryview, array, numpy)
+        as one message. `offset` and `size` are in bytes. The payload is never copied when it is
+        large: header and payload go to the kernel in one gather write.
+        """
+        offset = _ssize(offset)
+        self._check_writable()
+        self._send_buffer(KIND_BYTES, buf, offset, size, _deadline(timeout))
+
+    def send(self, obj, *, timeout=None):
+        """Send a picklable object as one message (pickled with multiprocessing's ForkingPickler,
+        so everything multiprocessing can send, this can send)."""
+        self._check_writable()
+        data = _dumps(obj)
+        self._send_buffer(KIND_PICKLE, data, 0, None, _deadline(timeout))
+
+    # ---- raw bytes for the handshake (_handshake.py), before any frame -------------------------------
+
+    def _send_raw(self, data, *, timeout=None):
+        """Send bytes as they are, without a frame header."""
+        if self._sock is None:
+            raise OSError("handle is closed")
+        view = _contiguous_view(data)
+        try:
+            if len(view):
+                self._send_all([view], _deadline(timeout))
+        finally:
+            view.release()
+
+    def _recv_raw(self, max_size, *, timeout=None):
+        """Return between 1 and `max_size` received bytes, waiting for the first one."""
+        max_size = _ssize(max_size)
+        if self._sock is None:
+            raise OSError("handle is closed")
+        deadline = _deadline(timeout)
+        if self._rend == self._rstart:
+            self._fill(deadline)
+        n = min(max_size, self._rend - self._rstart)
+        if n < 0:
+            # compiled: SystemError from PyBytes_FromStringAndSize.
+            raise ValueError("max_size must not be negative")
+        out = bytes(self._rview[self._rstart:self._rstart + n])
+        self._rstart += n
+        return out
+
+    # ---- handing a channel to another process (see _reduction.py) -------------------------------------
+
+    def _buffered(self):
+        """The bytes received but not yet consumed, for a copy of this channel in another process."""
+        if self._pending is not None:
+            raise OSError("cannot hand over a channel in the middle of receiving a large message")
+        if self._send_rest is not None:
+            raise OSError("cannot hand over a channel in the middle of sending a message")
+        return bytes(self._rview[self._rstart:self._rend])
+
+    def _prefill(self, data):
+        """Put bytes received by another copy of this channel back in front of the stream."""
+        if type(data) is not bytes:
+            # compiled: the same TypeError, except that None is let through (and read as bytes).
+            raise TypeError(
+                f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})")
+        n = len(data)
+        if self._rend != self._rstart or n > RECV_BUFFER_SIZE:
+            raise ValueError("cannot prefill a channel that holds data")
+        self._rview[:n] = data
+        self._rstart = 0
+        self._rend = n
