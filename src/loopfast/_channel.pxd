@@ -19,6 +19,7 @@ cdef extern from "_platform.h" nogil:
     int lf_last_error()
     int lf_error_would_block(int err)
     int lf_error_interrupted(int err)
+    int lf_error_not_socket(int err)
     Py_ssize_t lf_send(lf_socket_t s, const char *buf, size_t len)
     Py_ssize_t lf_recv(lf_socket_t s, char *buf, size_t len)
     Py_ssize_t lf_sendv(lf_socket_t s, const lf_iovec *iov, int count)

@@ -18,6 +18,7 @@ from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus,
 from libc.stdint cimport UINT64_MAX
 from libc.string cimport memcpy, memmove
 
+import operator
 import warnings
 from multiprocessing.reduction import ForkingPickler
 
@@ -125,8 +126,9 @@ cdef class Channel:
         else:
             if max_message_size < 0:
                 raise ValueError("max_message_size must be >= 0 or None")
-            self._max_message_size = max_message_size
+            self._max_message_size = operator.index(max_message_size)  # no silent float truncation
         self._max_message_size_obj = max_message_size
+        fd = operator.index(fd)
         cdef lf_socket_t c_fd = fd
         if c_fd == LF_INVALID_SOCKET or fd < 0:
             raise ValueError("invalid file descriptor")
@@ -141,11 +143,13 @@ cdef class Channel:
         self._last_recv_was_empty = True
         self._pending = None
         self._send_rest = None
+        # TCP_NODELAY: a message is sent when send_bytes() returns, never held back by Nagle.
+        # It fails harmlessly on a socket that is not TCP (a socketpair() in tests), but a
+        # descriptor that is no socket at all is refused here rather than at the first receive.
+        if lf_set_nodelay(c_fd) < 0 and lf_error_not_socket(lf_last_error()):
+            _raise_os_error(lf_last_error())
         if lf_set_nonblocking(c_fd) < 0:
             _raise_os_error(lf_last_error())
-        # TCP_NODELAY: a message is sent when send_bytes() returns, never held back by Nagle.
-        # It fails (harmlessly) only on a socket that is not TCP, e.g. in tests with socketpair().
-        lf_set_nodelay(c_fd)
         # Socket buffer sizes (SO_SNDBUF/SO_RCVBUF) are left to the kernel: fixing them turns off
         # Linux's autotuning, and every fixed size measured worse or no better. Medians of 5
         # interleaved runs on the 2-core dev machine, GB/s for a 1 MiB / 16 MiB stream:
@@ -649,6 +653,14 @@ cdef class Channel:
         iov.len = PyBytes_GET_SIZE(rest)
         try:
             self._send_all(&iov, 1, iov.len, deadline)
+        except TimeoutError:
+            # The caller must be able to tell that *this* message was not sent at all.
+            left = PyBytes_GET_SIZE(self._send_rest) if self._send_rest is not None else iov.len
+            if self._send_rest is None and self._fd != LF_INVALID_SOCKET:
+                self._send_rest = rest  # nothing went out: keep all of it
+            raise TimeoutError(
+                f"timed out sending the rest of an earlier message ({iov.len - left} of the "
+                f"{iov.len} bytes left went out); this message was not sent") from None
         except BaseException:
             # Nothing of it went out (else _send_all kept the new, shorter rest): keep it all.
             if self._send_rest is None and self._fd != LF_INVALID_SOCKET:
@@ -750,6 +762,8 @@ cdef class Channel:
         cdef Py_ssize_t n
         if self._fd == LF_INVALID_SOCKET:
             raise OSError("handle is closed")
+        if max_size < 0:
+            raise ValueError("max_size must not be negative")
         cdef int64_t deadline = _deadline(timeout)
         if self._rend == self._rstart:
             self._fill(deadline)
@@ -768,7 +782,7 @@ cdef class Channel:
             raise OSError("cannot hand over a channel in the middle of sending a message")
         return PyBytes_FromStringAndSize(self._rbuf + self._rstart, self._rend - self._rstart)
 
-    def _prefill(self, bytes data):
+    def _prefill(self, bytes data not None):
         """Put bytes received by another copy of this channel back in front of the stream."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         if self._rend != self._rstart or n > self._rcap:

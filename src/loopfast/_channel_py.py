@@ -19,9 +19,7 @@ The design is the compiled one, expressed with the standard library:
   a send interrupted after part of a frame went out keeps the unsent rest, so the byte stream
   always stays whole.
 
-Where the compiled channel does something different, this module says so in a comment marked
-"compiled:"; tests/test_twin.py has a test (xfail or skipped for the compiled one) for each
-difference that a caller could run into.
+tests/test_twin.py runs the same behaviours, errors and messages against both implementations.
 """
 
 import io
@@ -244,11 +242,9 @@ class Channel:
         else:
             if max_message_size < 0:
                 raise ValueError("max_message_size must be >= 0 or None")
-            # compiled: a float is truncated to an integer here; the twin refuses it.
             limit = operator.index(max_message_size)
             if limit > _UINT64_MAX:
                 raise OverflowError("Python int too large to convert to C unsigned long")
-        # compiled: a float fd is truncated to an integer (Channel(3.5) wraps fd 3); refused here.
         fd_number = operator.index(fd)
         if fd_number > _C_LONG_MAX:
             raise OverflowError("Python int too large to convert to C long")
@@ -269,7 +265,6 @@ class Channel:
         self._blocked = 0
         # Wrapping the fd: socket.socket(fileno=fd) takes it over (it raises for a closed fd or
         # one that is not a socket, and then does not own it).
-        # compiled: takes any open fd (a pipe too); the first receive then fails (ENOTSOCK).
         sock = socket.socket(fileno=fd_number)
         try:
             sock.setblocking(False)
@@ -747,10 +742,6 @@ class Channel:
                 if self._wait(_POLLOUT, deadline):
                     if flushing:
                         # The caller must be able to tell whether to send this message again.
-                        # compiled: "timed out sending a message", or "timed out after sending
-                        # N of M bytes of a message; the rest goes out before the next message"
-                        # with N and M counting the earlier frame's rest, which reads as if part
-                        # of *this* message went out and will follow; none of it did.
                         raise TimeoutError(
                             f"timed out sending the rest of an earlier message ({sent} of the "
                             f"{total} bytes left went out); this message was not sent")
@@ -844,7 +835,6 @@ class Channel:
             self._fill(deadline)
         n = min(max_size, self._rend - self._rstart)
         if n < 0:
-            # compiled: SystemError from PyBytes_FromStringAndSize.
             raise ValueError("max_size must not be negative")
         out = bytes(self._rview[self._rstart:self._rstart + n])
         self._rstart += n
@@ -863,7 +853,6 @@ class Channel:
     def _prefill(self, data):
         """Put bytes received by another copy of this channel back in front of the stream."""
         if type(data) is not bytes:
-            # compiled: the same TypeError, except that None is let through (and read as bytes).
             raise TypeError(
                 f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})")
         n = len(data)

@@ -38,6 +38,7 @@ static inline int lf_error_would_block(int err) {
     return err == WSAEWOULDBLOCK || err == WSAEINPROGRESS;
 }
 static inline int lf_error_interrupted(int err) { return err == WSAEINTR; }
+static inline int lf_error_not_socket(int err) { return err == WSAENOTSOCK; }
 
 static inline Py_ssize_t lf_send(lf_socket_t s, const char *buf, size_t len) {
     if (len > LF_IO_CHUNK_MAX) len = LF_IO_CHUNK_MAX;
@@ -146,6 +147,7 @@ typedef struct { void *base; size_t len; } lf_iovec;
 static inline int lf_last_error(void) { return errno; }
 static inline int lf_error_would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
 static inline int lf_error_interrupted(int err) { return err == EINTR; }
+static inline int lf_error_not_socket(int err) { return err == ENOTSOCK || err == EBADF; }
 
 static inline Py_ssize_t lf_send(lf_socket_t s, const char *buf, size_t len) {
     if (len > LF_IO_CHUNK_MAX) len = LF_IO_CHUNK_MAX;

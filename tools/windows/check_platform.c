@@ -15,6 +15,7 @@ int main(void) {
     int err = lf_last_error();
     (void)lf_error_would_block(err);
     (void)lf_error_interrupted(err);
+    (void)lf_error_not_socket(err);
     (void)lf_send(s, buf, sizeof buf);
     (void)lf_recv(s, buf, sizeof buf);
     (void)lf_sendv(s, iov, 2);
