@@ -8,7 +8,7 @@ A drop-in superset of ``multiprocessing.connection``::
     print(b.recv())
 """
 
-from ._channel import Channel
+from ._implementation import Channel, implementation
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
 from ._version import __version__
@@ -24,5 +24,6 @@ __all__ = [
     "Pipe",
     "ProtocolError",
     "__version__",
+    "implementation",
     "wait",
 ]

@@ -19,6 +19,7 @@ from libc.stdint cimport UINT64_MAX
 from libc.string cimport memcpy, memmove
 
 import operator
+import sys
 import warnings
 from multiprocessing.reduction import ForkingPickler
 
@@ -52,6 +53,8 @@ cdef enum:
     # Socket I/O on more than this many bytes releases the GIL (a large copy into the kernel).
     RELEASE_GIL_SIZE = 64 * 1024
 
+cdef object _warn = warnings.warn
+cdef object _is_finalizing = sys.is_finalizing
 cdef object _dumps = ForkingPickler.dumps
 cdef object _loads = ForkingPickler.loads
 
@@ -160,7 +163,10 @@ cdef class Channel:
 
     def __del__(self):
         if self._fd != LF_INVALID_SOCKET:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            # Not while the interpreter shuts down: warnings can no longer be shown then (a
+            # spawned child that exits with a channel open would print a stray error).
+            if not _is_finalizing():
+                _warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
     def __dealloc__(self):

@@ -283,9 +283,12 @@ class Channel:
         self._readable = readable
         self._writable = writable
 
-    def __del__(self):
+    def __del__(self, _warn=warnings.warn, _is_finalizing=sys.is_finalizing):
         if getattr(self, "_sock", None) is not None:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            # Not while the interpreter shuts down: warnings can no longer be shown then (a
+            # spawned child that exits with a channel open would print a stray error).
+            if not _is_finalizing():
+                _warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
     def __reduce__(self):

@@ -7,7 +7,7 @@ import sys
 from multiprocessing import reduction
 from typing import Any, Callable, Optional, Tuple
 
-from ._channel import Channel
+from ._implementation import CHANNEL_TYPES, Channel
 
 
 def _rebuild(
@@ -45,4 +45,5 @@ else:
         return _rebuild(shared.detach(), readable, writable, max_message_size, buffered)
 
 
-reduction.register(Channel, _reduce_channel)
+for _channel_type in CHANNEL_TYPES:
+    reduction.register(_channel_type, _reduce_channel)

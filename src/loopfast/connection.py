@@ -14,7 +14,7 @@ from typing import Any, Iterable, List, Optional, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
-from ._channel import Channel
+from ._implementation import CHANNEL_TYPES, Channel
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._handshake import CONNECTOR, LISTENER, handshake, handshake_pair
 from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
@@ -230,7 +230,8 @@ def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> List[An
     without a syscall: use this wait, not multiprocessing's, with loopfast channels.
     """
     object_list = list(object_list)
-    ready = [obj for obj in object_list if isinstance(obj, Channel) and obj._has_message()]
+    ready = [obj for obj in object_list
+             if isinstance(obj, CHANNEL_TYPES) and obj._has_message()]
     if ready:
         return ready
     return multiprocessing.connection.wait(object_list, timeout)
