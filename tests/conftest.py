@@ -1,0 +1,220 @@
+"""Fixtures and helpers shared by the channel, process and large-message tests.
+
+Everything here talks to 127.0.0.1 or ::1 only, and every wait is bounded.
+"""
+
+import contextlib
+import multiprocessing
+import os
+import socket
+import struct
+import threading
+
+import pytest
+
+import loopfast
+
+# Upper bounds for waits that should normally end within milliseconds. They only stop a broken
+# test from hanging; no test outcome depends on how long anything takes.
+RECV_TIMEOUT = 30.0
+JOIN_TIMEOUT = 60.0
+
+FAMILIES = ["AF_INET", "AF_INET6"]
+START_METHODS = [m for m in ("fork", "spawn") if m in multiprocessing.get_all_start_methods()]
+
+# The wire format, written out from docs/protocol.md rather than imported from loopfast, so that
+# the tests check the specification and not merely agree with the code.
+HELLO = struct.Struct("<8sHHI32s")
+MAGIC = b"LOOPFAST"
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct("<BBHIQ")
+KIND_BYTES = 1
+KIND_PICKLE = 2
+
+
+def _ipv6_loopback_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+IPV6_AVAILABLE = _ipv6_loopback_available()
+
+
+def skip_if_family_unavailable(family):
+    if family == "AF_INET6" and not IPV6_AVAILABLE:
+        pytest.skip("IPv6 loopback (::1) is not available on this machine")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    """'AF_INET' or 'AF_INET6' (skipped when ::1 is unavailable)."""
+    skip_if_family_unavailable(request.param)
+    return request.param
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request):
+    """A multiprocessing start method: 'fork' and 'spawn' where the platform has them."""
+    return request.param
+
+
+@pytest.fixture
+def pipe(family):
+    """A duplex loopfast.Pipe over the parametrized family; both ends closed on teardown."""
+    a, b = loopfast.Pipe(family=family)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+# ---- a hand-written peer: a raw socket that speaks the wire protocol itself ----------------------
+
+def frame(payload, kind=KIND_BYTES):
+    """One complete frame (header + payload) as the protocol spells it."""
+    return FRAME_HEADER.pack(kind, 0, 0, 0, len(payload)) + bytes(payload)
+
+
+def recv_exact(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"peer closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def raw_connection(family):
+    """Return (channel, raw_socket): a loopfast Channel accepted by a Listener, and the plain
+    socket on the other end, which did the (unauthenticated) handshake by hand. The socket has
+    TCP_NODELAY, so each send() of it reaches the channel as its own segment."""
+    with loopfast.Listener(family=family) as listener:
+        fam = socket.AF_INET6 if family == "AF_INET6" else socket.AF_INET
+        raw = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            raw.settimeout(RECV_TIMEOUT)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.connect(listener.address)
+            raw.sendall(HELLO.pack(MAGIC, PROTOCOL_VERSION, 0, 0, os.urandom(32)))
+            channel = listener.accept()
+            magic, version, flags, _, _ = HELLO.unpack(recv_exact(raw, HELLO.size))
+            assert (magic, version, flags) == (MAGIC, PROTOCOL_VERSION, 0)
+        except BaseException:
+            raw.close()
+            raise
+    return channel, raw
+
+
+@pytest.fixture
+def raw_peer(family):
+    """(channel, raw socket peer) over the parametrized family; both closed on teardown."""
+    channel, raw = raw_connection(family)
+    try:
+        yield channel, raw
+    finally:
+        channel.close()
+        raw.close()
+
+
+# ---- background work with bounded joins ------------------------------------------------------------
+
+class Background:
+    """Run fn(*args) in a daemon thread; result() joins (bounded) and re-raises its exception."""
+
+    def __init__(self, fn, *args):
+        self._result = None
+        self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test thread by result())
+            self._error = exc
+
+    def result(self, timeout=JOIN_TIMEOUT):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"background thread still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def send_all_bytes(channel, messages, timeout=RECV_TIMEOUT):
+    for message in messages:
+        channel.send_bytes(message, timeout=timeout)
+
+
+def recv_n_bytes(channel, count, timeout=RECV_TIMEOUT):
+    return [channel.recv_bytes(timeout=timeout) for _ in range(count)]
+
+
+# ---- child processes ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def child_process(method, target, *args, exitcode=0, close_after_start=()):
+    """Start target(*args) in a child process with the given start method and yield it.
+
+    The objects in `close_after_start` (the parent's copies of the child's channel ends) are
+    closed right after start(), so that the child's exit is seen as EOF. On leaving the block the
+    child is joined with a bounded wait (and killed if it overstays) and its exit code checked
+    (exitcode=None: not checked). If the block raises, the child is killed.
+    """
+    ctx = multiprocessing.get_context(method)
+    proc = ctx.Process(target=target, args=args, daemon=True)
+    proc.start()
+    for obj in close_after_start:
+        obj.close()
+    try:
+        yield proc
+    except BaseException:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        raise
+    proc.join(JOIN_TIMEOUT)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+        pytest.fail(f"child process did not exit within {JOIN_TIMEOUT} s")
+    if exitcode is not None:
+        assert proc.exitcode == exitcode, f"child exited with {proc.exitcode}, expected {exitcode}"
+
+
+def run_in_child(method, target, *args, timeout=JOIN_TIMEOUT):
+    """Run target(*args) to completion in a child process; return its exit code."""
+    ctx = multiprocessing.get_context(method)
+    proc = ctx.Process(target=target, args=args, daemon=True)
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+        pytest.fail(f"child process did not exit within {timeout} s")
+    return proc.exitcode
+
+
+_payload_cache = {}
+
+
+def make_payload(size, seed=0):
+    """`size` pseudo-random bytes, the same for the same (size, seed) (cached: the big ones are
+    reused by several tests)."""
+    key = (size, seed)
+    if key not in _payload_cache:
+        import random
+
+        if len(_payload_cache) > 16:
+            _payload_cache.clear()
+        _payload_cache[key] = random.Random(f"{size}-{seed}").randbytes(size)
+    return _payload_cache[key]
