@@ -54,9 +54,10 @@ cdef class Channel:
     # A payload too large for the receive buffer is read straight into its final bytes object.
     # While it is incomplete (a timeout interrupted it) it is kept here, so that the next receive
     # resumes it and the stream stays whole.
-    cdef object _pending            # bytes being filled, or None
-    cdef Py_ssize_t _pending_filled # bytes of _pending already received
-    cdef int _pending_kind          # frame kind of _pending
+    cdef object _pending            # list of the message's parts (bytes/bytearray), or None
+    cdef Py_ssize_t _pending_part   # index of the part being filled
+    cdef Py_ssize_t _pending_filled # bytes of that part already received
+    cdef int _pending_kind          # frame kind of the message
 
     # The unsent tail of a frame whose send timed out part-way; sent before any later frame.
     cdef object _send_rest          # bytes, or None
@@ -78,8 +79,13 @@ cdef class Channel:
     cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1
     cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind)
     cdef object _finish_pending(self, int64_t deadline)
+    cdef int _start_pending(self, list parts, int kind) except -1
+    cdef list _object_parts(self, Py_ssize_t length, uint32_t count)
+    cdef int _refuse_object(self) except -1
+    cdef bint _next_is_object(self, int64_t deadline) except -1
     cdef _bad_message_length(self)
     cdef int _flush_rest(self, int64_t deadline) except -1
+    cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
                           int64_t deadline) except -1
     cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total, int64_t deadline) except -1

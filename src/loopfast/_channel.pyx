@@ -9,16 +9,20 @@ docs/protocol.md; the handshake that precedes the frames lives in _handshake.py.
 
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
+from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize,
+                                PyByteArray_GET_SIZE)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus,
                                PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock)
-from libc.stdint cimport UINT64_MAX
+from libc.stdint cimport UINT64_MAX, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 
+import io
 import operator
+import pickle
 import sys
 import warnings
 from multiprocessing.reduction import ForkingPickler
@@ -31,7 +35,14 @@ cdef enum:
     # header layout: [0] kind, [1] flags, [2:4] reserved, [4:8] count, [8:16] payload length (LE)
     HEADER_SIZE = 16
     KIND_BYTES = 1     # payload is raw bytes (send_bytes)
-    KIND_PICKLE = 2    # payload is a pickle (send)
+    KIND_PICKLE = 2    # payload is a pickle (send), all in-band
+    KIND_OBJECT = 3    # a pickle-5 with out-of-band buffers (send): size table, pickle, buffers
+    # Most out-of-band buffers one object message may carry; with the header, its size table
+    # (8 bytes per part) always fits in the receive buffer. A pickle with more goes in-band.
+    MAX_OOB_BUFFERS = 8191
+    # Buffers smaller than this stay in the in-band pickle: out of band they would cost an
+    # allocation and a table entry each for a copy that is cheap anyway.
+    OOB_MIN_SIZE = 4096
 
 # ---- buffer sizes, chosen by measurement ------------------------------------------------------
 cdef enum:
@@ -52,6 +63,44 @@ cdef enum:
     RECV_PLENTY = 16 * 1024
     # Socket I/O on more than this many bytes releases the GIL (a large copy into the kernel).
     RELEASE_GIL_SIZE = 64 * 1024
+
+cdef class _BufferCollector:
+    """buffer_callback for pickle protocol 5: keeps large buffers out of band."""
+    cdef list buffers
+
+    def __cinit__(self):
+        self.buffers = []
+
+    def __call__(self, pickle_buffer):
+        try:
+            raw = pickle_buffer.raw()  # contiguous bytes, no copy
+        except BufferError:
+            # A non-contiguous buffer: one C-order copy, sent out of band as flat bytes.
+            raw = memoryview(pickle_buffer).tobytes()
+        if len(raw) < OOB_MIN_SIZE:
+            return True  # small: in band
+        self.buffers.append(raw)
+        return False
+
+
+class _OutOfBandPickler(pickle.Pickler):
+    """multiprocessing's ForkingPickler (the same reducers: channels, sockets, ... pickle as
+    they do for multiprocessing) at protocol 5 with a buffer_callback, which ForkingPickler's
+    constructor does not pass on before Python 3.12."""
+
+    def __init__(self, file, buffer_callback):
+        super().__init__(file, 5, buffer_callback=buffer_callback)
+        self.dispatch_table = ForkingPickler._copyreg_dispatch_table.copy()
+        self.dispatch_table.update(ForkingPickler._extra_reducers)
+
+
+cdef tuple _pickle(object obj):
+    """Pickle `obj` at protocol 5; returns (in-band pickle, list of out-of-band buffers)."""
+    out = io.BytesIO()
+    collector = _BufferCollector()
+    _OutOfBandPickler(out, collector).dump(obj)
+    return out.getbuffer(), collector.buffers
+
 
 cdef object _warn = warnings.warn
 cdef object _is_finalizing = sys.is_finalizing
@@ -350,7 +399,7 @@ cdef class Channel:
                 self._last_recv_was_empty = waited and n < RECV_PLENTY
                 return 0
             if n == 0:
-                if self._rend > self._rstart:
+                if self._rend > self._rstart or self._pending is not None:
                     self._protocol_error("the peer closed the connection in the middle of a message")
                 raise EOFError("the peer closed the connection")
             err = lf_last_error()
@@ -358,7 +407,7 @@ cdef class Channel:
                 self._last_recv_was_empty = True
             elif lf_error_interrupted(err):
                 PyErr_CheckSignals()
-            elif self._rend > self._rstart:
+            elif self._rend > self._rstart or self._pending is not None:
                 self._protocol_error(
                     f"connection lost in the middle of a message ({_os_error_text(err)})")
             else:
@@ -402,10 +451,14 @@ cdef class Channel:
         HEADER_SIZE): None if it is valid, else what is wrong with it. No side effects."""
         cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
         cdef uint64_t n = lf_load_u64le(h + 8)
-        if (h[0] != KIND_BYTES and h[0] != KIND_PICKLE) or h[1] != 0 or h[2] != 0 or h[3] != 0 \
-                or lf_load_u32le(h + 4) != 0:
+        cdef uint32_t count = lf_load_u32le(h + 4)
+        if h[0] < KIND_BYTES or h[0] > KIND_OBJECT or h[1] != 0 or h[2] != 0 or h[3] != 0 \
+                or (count != 0) != (h[0] == KIND_OBJECT):
             return ("malformed frame header " + (<bytes>h[:HEADER_SIZE]).hex()
                     + " (is the peer a loopfast channel of the same protocol version?)")
+        if h[0] == KIND_OBJECT and (count > MAX_OOB_BUFFERS or n < 8 * (<uint64_t>count + 1)):
+            return (f"malformed object frame: {count} out-of-band buffers "
+                    f"(at most {MAX_OOB_BUFFERS}) in {n} bytes")
         if n > self._max_message_size:
             return (f"the peer announced a {n}-byte message, over this channel's "
                     f"max_message_size of {self._max_message_size_obj} bytes")
@@ -426,45 +479,112 @@ cdef class Channel:
         return 0
 
     cdef object _finish_pending(self, int64_t deadline):
-        cdef object out = self._pending
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(out)
-        cdef char *p = PyBytes_AS_STRING(out)
-        while self._pending_filled < size:
-            self._pending_filled += self._recv_some(p + self._pending_filled,
-                                                    size - self._pending_filled, deadline)
+        """Fill the parts of the message being received (self._pending, a list of bytes /
+        bytearray objects allocated at their final sizes) and return the list. Small parts are
+        copied out of the receive buffer, large ones read straight from the socket. An exception
+        (timeout, Ctrl-C) leaves the progress recorded, so the next receive resumes the message."""
+        cdef list parts = self._pending
+        cdef object part
+        cdef Py_ssize_t size, avail, n
+        cdef char *p
+        while self._pending_part < len(parts):
+            part = parts[self._pending_part]
+            if type(part) is bytes:
+                p = PyBytes_AS_STRING(part)
+                size = PyBytes_GET_SIZE(part)
+            else:
+                p = PyByteArray_AS_STRING(part)
+                size = PyByteArray_GET_SIZE(part)
+            while self._pending_filled < size:
+                n = size - self._pending_filled
+                avail = self._rend - self._rstart
+                if avail > 0:
+                    n = min(n, avail)
+                    memcpy(p + self._pending_filled, self._rbuf + self._rstart, n)
+                    self._rstart += n
+                elif n < DIRECT_READ_THRESHOLD:
+                    self._fill(deadline)  # one recv() for this and the following small parts
+                    continue
+                else:
+                    n = self._recv_some(p + self._pending_filled, n, deadline)
+                self._pending_filled += n
+            self._pending_part += 1
+            self._pending_filled = 0
         self._pending = None
-        return out
+        return parts
+
+    cdef int _start_pending(self, list parts, int kind) except -1:
+        self._pending = parts
+        self._pending_part = 0
+        self._pending_filled = 0
+        self._pending_kind = kind
+        return 0
+
+    cdef list _object_parts(self, Py_ssize_t length, uint32_t count):
+        """Check an object frame's size table (at the start of the buffered bytes, after the
+        header) and allocate its parts: the in-band pickle as bytes, each out-of-band buffer as
+        a writable bytearray. Consumes header and table. Nothing is allocated for a bad table."""
+        cdef const unsigned char *table = <const unsigned char *>(
+            self._rbuf + self._rstart + HEADER_SIZE)
+        cdef uint64_t size, total = 8 * (<uint64_t>count + 1)
+        cdef uint32_t i
+        cdef bint consistent = True
+        for i in range(count + 1):
+            size = lf_load_u64le(table + 8 * i)
+            if size > <uint64_t>length or total + size > <uint64_t>length:  # no overflow
+                consistent = False
+                break
+            total += size
+        if not consistent or total != <uint64_t>length:
+            self._protocol_error(f"malformed object frame: the sizes of its {count + 1} parts "
+                                 f"do not add up to its length of {length} bytes")
+        parts = [PyBytes_FromStringAndSize(NULL, <Py_ssize_t>lf_load_u64le(table))]
+        for i in range(1, count + 1):
+            parts.append(PyByteArray_FromStringAndSize(
+                NULL, <Py_ssize_t>lf_load_u64le(table + 8 * i)))
+        self._rstart += HEADER_SIZE + 8 * (count + 1)
+        return parts
 
     cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind):
-        """Receive one whole message and return its payload as bytes (allocated once, at its
-        final size). maxlength < 0: no limit."""
+        """Receive one whole message. Returns its payload as bytes (allocated once, at its final
+        size) for kinds 1 and 2, and the list [pickle, buffer, ...] for an object message.
+        maxlength < 0: no limit."""
         cdef Py_ssize_t avail, length
+        cdef uint32_t count
         cdef object out
         if self._pending is not None:
-            if maxlength >= 0 and PyBytes_GET_SIZE(self._pending) > maxlength:
-                self._bad_message_length()
             kind[0] = self._pending_kind
+            if kind[0] != KIND_OBJECT:
+                if maxlength >= 0 and PyBytes_GET_SIZE(self._pending[0]) > maxlength:
+                    self._bad_message_length()
+                return self._finish_pending(deadline)[0]
             return self._finish_pending(deadline)
         while True:
             avail = self._rend - self._rstart
             if avail >= HEADER_SIZE:
                 self._read_header(kind, &length)
-                if maxlength >= 0 and length > maxlength:
-                    self._bad_message_length()
-                if length <= avail - HEADER_SIZE:
-                    out = PyBytes_FromStringAndSize(self._rbuf + self._rstart + HEADER_SIZE, length)
-                    self._rstart += HEADER_SIZE + length
-                    return out
-                if length > DIRECT_READ_THRESHOLD:
-                    out = PyBytes_FromStringAndSize(NULL, length)
-                    avail -= HEADER_SIZE
-                    memcpy(PyBytes_AS_STRING(out), self._rbuf + self._rstart + HEADER_SIZE, avail)
-                    self._rstart = self._rend = 0
-                    self._pending = out
-                    self._pending_filled = avail
-                    self._pending_kind = kind[0]
-                    return self._finish_pending(deadline)
+                if kind[0] == KIND_OBJECT:
+                    count = lf_load_u32le(<const unsigned char *>(self._rbuf + self._rstart + 4))
+                    if avail >= HEADER_SIZE + 8 * (count + 1):
+                        self._start_pending(self._object_parts(length, count), KIND_OBJECT)
+                        return self._finish_pending(deadline)
+                else:
+                    if maxlength >= 0 and length > maxlength:
+                        self._bad_message_length()
+                    if length <= avail - HEADER_SIZE:
+                        out = PyBytes_FromStringAndSize(
+                            self._rbuf + self._rstart + HEADER_SIZE, length)
+                        self._rstart += HEADER_SIZE + length
+                        return out
+                    if length > DIRECT_READ_THRESHOLD:
+                        self._rstart += HEADER_SIZE
+                        self._start_pending([PyBytes_FromStringAndSize(NULL, length)], kind[0])
+                        return self._finish_pending(deadline)[0]
             self._fill(deadline)
+
+    cdef int _refuse_object(self) except -1:
+        raise OSError("the next message was sent with send() and carries out-of-band buffers: "
+                      "receive it with recv()")
 
     cdef _bad_message_length(self):
         # As multiprocessing does: the stream is left mid-message, so reading is over.
@@ -492,9 +612,23 @@ cdef class Channel:
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock)
         try:
+            if self._next_is_object(deadline):
+                self._refuse_object()
             return self._recv_frame(deadline, c_maxlength, &kind)
         finally:
             PyThread_release_lock(self._recv_lock)
+
+    cdef bint _next_is_object(self, int64_t deadline) except -1:
+        """Wait for the next message's header; True if it is an object message (which only
+        recv() can take: its out-of-band buffers have no place in a bytes result)."""
+        cdef int kind
+        cdef Py_ssize_t length
+        if self._pending is not None:
+            return self._pending_kind == KIND_OBJECT
+        while self._rend - self._rstart < HEADER_SIZE:
+            self._fill(deadline)
+        self._read_header(&kind, &length)
+        return kind == KIND_OBJECT
 
     def recv(self, *, timeout=None):
         """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
@@ -506,6 +640,8 @@ cdef class Channel:
             payload = self._recv_frame(deadline, -1, &kind)
         finally:
             PyThread_release_lock(self._recv_lock)
+        if kind == KIND_OBJECT:
+            return _loads(payload[0], buffers=payload[1:])
         return _loads(payload)
 
     def recv_bytes_into(self, buf, Py_ssize_t offset=0, *, timeout=None):
@@ -531,6 +667,8 @@ cdef class Channel:
             deadline = _deadline(timeout)
             _lock(self._recv_lock)
             try:
+                if self._next_is_object(deadline):
+                    self._refuse_object()
                 if self._pending is not None:
                     payload = self._recv_frame(deadline, -1, &kind)
                     length = PyBytes_GET_SIZE(payload)
@@ -562,10 +700,10 @@ cdef class Channel:
                     if self._fd != LF_INVALID_SOCKET:
                         # Interrupted (timeout, Ctrl-C): keep what arrived so that the next
                         # receive resumes this message. Only this rare path copies.
-                        self._pending = PyBytes_FromStringAndSize(NULL, length)
-                        memcpy(PyBytes_AS_STRING(self._pending), dst, filled)
+                        payload = PyBytes_FromStringAndSize(NULL, length)
+                        memcpy(PyBytes_AS_STRING(payload), dst, filled)
+                        self._start_pending([payload], kind)
                         self._pending_filled = filled
-                        self._pending_kind = kind
                     raise
                 return length
             finally:
@@ -740,11 +878,66 @@ cdef class Channel:
         self._send_buffer(KIND_BYTES, buf, offset, size, _deadline(timeout))
 
     def send(self, obj, *, timeout=None):
-        """Send a picklable object as one message (pickled with multiprocessing's ForkingPickler,
-        so everything multiprocessing can send, this can send)."""
+        """Send a picklable object as one message.
+
+        It is pickled with multiprocessing's ForkingPickler (so everything multiprocessing can
+        send, this can send) at protocol 5: large buffers that support it (numpy arrays,
+        bytearray, pickle.PickleBuffer) travel out of band, written from their own memory in the
+        same gather write as the pickle, and are received straight into their final memory.
+        An object that cannot be pickled raises here and nothing is sent.
+        """
         self._check_writable()
-        data = _dumps(obj)
-        self._send_buffer(KIND_PICKLE, data, 0, None, _deadline(timeout))
+        cdef int64_t deadline = _deadline(timeout)
+        data, buffers = _pickle(obj)
+        if not buffers:
+            self._send_buffer(KIND_PICKLE, data, 0, None, deadline)
+        elif len(buffers) > MAX_OOB_BUFFERS:
+            self._send_buffer(KIND_PICKLE, _dumps(obj), 0, None, deadline)
+        else:
+            self._send_object(data, buffers, deadline)
+
+    cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1:
+        """One object message: header and size table, then the pickle, then each out-of-band
+        buffer from its own memory, all in one gather write (docs/protocol.md, "Objects")."""
+        cdef Py_ssize_t count = len(buffers), i, nviews = 0
+        cdef Py_ssize_t head_size = HEADER_SIZE + 8 * (count + 1)
+        cdef uint64_t total = 8 * (count + 1)
+        cdef Py_buffer *views = <Py_buffer *>PyMem_Malloc((count + 1) * sizeof(Py_buffer))
+        cdef lf_iovec *iov = <lf_iovec *>PyMem_Malloc((count + 2) * sizeof(lf_iovec))
+        cdef unsigned char *head = <unsigned char *>PyMem_Malloc(head_size)
+        try:
+            if views == NULL or iov == NULL or head == NULL:
+                raise MemoryError()
+            PyObject_GetBuffer(data, &views[0], PyBUF_SIMPLE)
+            nviews = 1
+            for i in range(count):
+                PyObject_GetBuffer(buffers[i], &views[i + 1], PyBUF_SIMPLE)
+                nviews += 1
+            for i in range(count + 1):
+                lf_store_u64le(head + HEADER_SIZE + 8 * i, views[i].len)
+                total += views[i].len
+                iov[i + 1].base = views[i].buf
+                iov[i + 1].len = views[i].len
+            head[0] = KIND_OBJECT
+            head[1] = head[2] = head[3] = 0
+            lf_store_u32le(head + 4, <uint32_t>count)
+            lf_store_u64le(head + 8, total)
+            iov[0].base = head
+            iov[0].len = head_size
+            _lock(self._send_lock)
+            try:
+                if self._send_rest is not None:
+                    self._flush_rest(deadline)
+                self._send_all(iov, <int>(count + 2), <Py_ssize_t>(HEADER_SIZE + total), deadline)
+            finally:
+                PyThread_release_lock(self._send_lock)
+        finally:
+            for i in range(nviews):
+                PyBuffer_Release(&views[i])
+            PyMem_Free(views)
+            PyMem_Free(iov)
+            PyMem_Free(head)
+        return 0
 
     # ---- raw bytes for the handshake (_handshake.py), before any frame --------------------------
 
