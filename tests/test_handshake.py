@@ -70,10 +70,12 @@ class RawServer:
         with conn:
             self._behave(conn)
             conn.settimeout(0.05)
-            while not self._stop.is_set():
+            while True:  # until EOF, or stopped and idle: never drop bytes already sent to us
                 try:
                     data = conn.recv(4096)
                 except socket.timeout:
+                    if self._stop.is_set():
+                        break
                     continue
                 except OSError:
                     break

@@ -222,7 +222,7 @@ def test_recv_and_recv_bytes_accept_either_kind_of_frame(pair):
     a.send_bytes(b"\x80\x04K\x07.")  # a pickle of 7, sent as raw bytes
     assert b.recv(timeout=TIMEOUT) == 7
     a.send(7)
-    assert b.recv_bytes(timeout=TIMEOUT) == bytes(ForkingPickler.dumps(7))
+    assert b.recv_bytes(timeout=TIMEOUT) == bytes(ForkingPickler.dumps(7, 5))
 
 
 def test_the_wire_bytes_are_the_documented_frames(impl):
@@ -236,7 +236,7 @@ def test_the_wire_bytes_are_the_documented_frames(impl):
         big = payload(100 * KiB, seed=2)
         expected = (bytes.fromhex("01000000 00000000 0200000000000000") + b"hi"
                     + frame(b"") + frame(big)
-                    + frame(ForkingPickler.dumps([1, 2]), KIND_PICKLE))
+                    + frame(ForkingPickler.dumps([1, 2], 5), KIND_PICKLE))
         raw.settimeout(TIMEOUT)
         reader = Background(_recv_exactly, raw, len(expected))
         channel.send_bytes(b"hi")

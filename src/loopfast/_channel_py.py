@@ -812,7 +812,7 @@ class Channel:
         """Send a picklable object as one message (pickled with multiprocessing's ForkingPickler,
         so everything multiprocessing can send, this can send)."""
         self._check_writable()
-        data = _dumps(obj)
+        data = _dumps(obj, 5)  # protocol 5, as the compiled channel
         self._send_buffer(KIND_PICKLE, data, 0, None, _deadline(timeout))
 
     # ---- raw bytes for the handshake (_handshake.py), before any frame -------------------------------
