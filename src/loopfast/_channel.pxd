@@ -42,6 +42,7 @@ cdef class Channel:
     cdef bint _writable             # send* allowed (False for the read end of Pipe(duplex=False))
     cdef uint64_t _max_message_size # frames announcing more raise ProtocolError before allocating
     cdef object _max_message_size_obj  # the same, as given (int or None), for the property
+    cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
 
     # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed. One recv()
     # fills it with as many frames as arrived; small frames are handed out straight from it.

@@ -16,6 +16,7 @@ class Channel:
         writable: bool = ...,
         *,
         max_message_size: Optional[int] = ...,
+        serializer: Any = ...,
     ) -> None: ...
     @classmethod
     def connect(
@@ -26,7 +27,10 @@ class Channel:
         timeout: Optional[float] = ...,
         max_message_size: Optional[int] = ...,
         family: Optional[str] = ...,
+        serializer: Any = ...,
     ) -> "Channel": ...
+    @property
+    def serializer(self) -> Any: ...
     @property
     def closed(self) -> bool: ...
     @property

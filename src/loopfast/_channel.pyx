@@ -102,6 +102,14 @@ cdef tuple _pickle(object obj):
     return out.getbuffer(), collector.buffers
 
 
+cdef int _check_serializer(object serializer) except -1:
+    if serializer is not None and not (callable(getattr(serializer, "dumps", None))
+                                       and callable(getattr(serializer, "loads", None))):
+        raise TypeError("serializer must have dumps(obj) -> bytes-like and loads(data) -> obj, "
+                        f"got {serializer!r}")
+    return 0
+
+
 cdef object _warn = warnings.warn
 cdef object _is_finalizing = sys.is_finalizing
 cdef object _dumps = ForkingPickler.dumps
@@ -170,9 +178,11 @@ cdef class Channel:
         self._recv_lock = NULL
 
     def __init__(self, fd, bint readable=True, bint writable=True, *,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None):
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
+        _check_serializer(serializer)
+        self._serializer = serializer
         if max_message_size is None:
             self._max_message_size = UINT64_MAX
         else:
@@ -233,14 +243,20 @@ cdef class Channel:
 
     @classmethod
     def connect(cls, address, *, authkey=None, timeout=None,
-                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None):
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None, serializer=None):
         """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
 
         `timeout` (seconds) bounds the connection and the handshake.
         """
         from .connection import connect
         return connect(address, family=family, authkey=authkey, timeout=timeout,
-                       max_message_size=max_message_size)
+                       max_message_size=max_message_size, serializer=serializer)
+
+    @property
+    def serializer(self):
+        """The object whose dumps()/loads() send() and recv() use; None: pickle protocol 5 with
+        out-of-band buffers."""
+        return self._serializer
 
     # ---- properties and small methods -----------------------------------------------------------
 
@@ -642,6 +658,8 @@ cdef class Channel:
             PyThread_release_lock(self._recv_lock)
         if kind == KIND_OBJECT:
             return _loads(payload[0], buffers=payload[1:])
+        if self._serializer is not None:
+            return self._serializer.loads(payload)
         return _loads(payload)
 
     def recv_bytes_into(self, buf, Py_ssize_t offset=0, *, timeout=None):
@@ -884,10 +902,14 @@ cdef class Channel:
         send, this can send) at protocol 5: large buffers that support it (numpy arrays,
         bytearray, pickle.PickleBuffer) travel out of band, written from their own memory in the
         same gather write as the pickle, and are received straight into their final memory.
-        An object that cannot be pickled raises here and nothing is sent.
+        An object that cannot be pickled raises here and nothing is sent. With a `serializer`,
+        the message is its dumps(obj), in band.
         """
         self._check_writable()
         cdef int64_t deadline = _deadline(timeout)
+        if self._serializer is not None:
+            self._send_buffer(KIND_PICKLE, self._serializer.dumps(obj), 0, None, deadline)
+            return
         data, buffers = _pickle(obj)
         if not buffers:
             self._send_buffer(KIND_PICKLE, data, 0, None, deadline)

@@ -212,6 +212,7 @@ class Channel:
         "_readable", "_writable",
         "_max_message_size",      # int; 2**64 - 1 when there is no limit
         "_max_message_size_obj",  # as given (int or None), for the property and messages
+        "_serializer",       # dumps/loads for send()/recv(); None: pickle protocol 5
         # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed.
         "_rbuf", "_rview", "_rstart", "_rend",
         "_last_recv_was_empty",   # the previous fill found no data: wait before the next recv
@@ -226,10 +227,11 @@ class Channel:
     )
 
     def __init__(self, fd, readable=True, writable=True, *,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None):
         # The state of a channel that owns nothing, first: __del__ and close() rely on it if a
         # check below fails (the compiled class does this in __cinit__).
         self._sock = None
+        self._serializer = None
         self._fd = -1
         self._readable = self._writable = False
         self._deferred_close = None
@@ -237,6 +239,11 @@ class Channel:
         writable = bool(writable)
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
+        if serializer is not None and not (callable(getattr(serializer, "dumps", None))
+                                           and callable(getattr(serializer, "loads", None))):
+            raise TypeError("serializer must have dumps(obj) -> bytes-like and loads(data) -> "
+                            f"obj, got {serializer!r}")
+        self._serializer = serializer
         if max_message_size is None:
             limit = _UINT64_MAX
         else:
@@ -298,14 +305,20 @@ class Channel:
 
     @classmethod
     def connect(cls, address, *, authkey=None, timeout=None,
-                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None):
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None, serializer=None):
         """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
 
         `timeout` (seconds) bounds the connection and the handshake.
         """
         from .connection import connect
         return connect(address, family=family, authkey=authkey, timeout=timeout,
-                       max_message_size=max_message_size)
+                       max_message_size=max_message_size, serializer=serializer)
+
+    @property
+    def serializer(self):
+        """The object whose dumps()/loads() send() and recv() use; None: pickle protocol 5 with
+        out-of-band buffers."""
+        return self._serializer
 
     # ---- properties and small methods ----------------------------------------------------------------
 
@@ -615,6 +628,8 @@ class Channel:
         deadline = _deadline(timeout)
         with self._recv_lock:
             payload = self._recv_frame(deadline, None)
+        if self._serializer is not None:
+            return self._serializer.loads(payload)
         return _loads(payload)
 
     def recv_bytes_into(self, buf, offset=0, *, timeout=None):
@@ -812,7 +827,10 @@ class Channel:
         """Send a picklable object as one message (pickled with multiprocessing's ForkingPickler,
         so everything multiprocessing can send, this can send)."""
         self._check_writable()
-        data = _dumps(obj, 5)  # protocol 5, as the compiled channel
+        if self._serializer is not None:
+            data = self._serializer.dumps(obj)
+        else:
+            data = _dumps(obj, 5)  # protocol 5, as the compiled channel
         self._send_buffer(KIND_PICKLE, data, 0, None, _deadline(timeout))
 
     # ---- raw bytes for the handshake (_handshake.py), before any frame -------------------------------

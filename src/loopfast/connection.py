@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from types import TracebackType
-from typing import Any, Iterable, List, Optional, Tuple, Type, Union
+from typing import Any, Iterable, List, Optional, Protocol, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
@@ -33,6 +33,14 @@ __all__ = [
 
 Connection = Channel
 Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
+
+
+class Serializer(Protocol):
+    """What `serializer=` takes: msgspec's msgpack module, cloudpickle, or an object of yours."""
+
+    def dumps(self, obj: Any, /) -> Any: ...
+
+    def loads(self, data: bytes, /) -> Any: ...
 
 
 def _check_authkey(authkey: object) -> None:
@@ -58,6 +66,7 @@ class Listener:
         *,
         max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
+        serializer: Optional[Serializer] = None,
     ) -> None:
         _check_authkey(authkey)
         fam = family_from_name(family)
@@ -80,6 +89,7 @@ class Listener:
         self._authkey = authkey
         self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
+        self._serializer = serializer
         self._last_accepted: Optional[Tuple[str, int]] = None
 
     def accept(self) -> Channel:
@@ -93,7 +103,8 @@ class Listener:
             sock.close()
             raise
         self._last_accepted = peer[:2]
-        channel = Channel(sock.detach(), max_message_size=self._max_message_size)
+        channel = Channel(sock.detach(), max_message_size=self._max_message_size,
+                          serializer=self._serializer)
         handshake(channel, self._authkey, LISTENER, self._handshake_timeout)
         return channel
 
@@ -136,6 +147,7 @@ def connect(
     authkey: Optional[bytes] = None,
     timeout: Optional[float] = None,
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+    serializer: Optional[Serializer] = None,
 ) -> Channel:
     """Connect to a loopfast Listener at a loopback `address` and return a Channel.
 
@@ -152,7 +164,7 @@ def connect(
     except BaseException:
         sock.close()
         raise
-    channel = Channel(sock.detach(), max_message_size=max_message_size)
+    channel = Channel(sock.detach(), max_message_size=max_message_size, serializer=serializer)
     handshake(channel, authkey, CONNECTOR, max(0.0, limit - (time.monotonic() - start)))
     return channel
 
@@ -164,10 +176,11 @@ def Client(
     *,
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     timeout: Optional[float] = None,
+    serializer: Optional[Serializer] = None,
 ) -> Channel:
     """Connect to a Listener at `address` and return a Channel (as multiprocessing's Client)."""
     return connect(address, family=family, authkey=authkey, timeout=timeout,
-                   max_message_size=max_message_size)
+                   max_message_size=max_message_size, serializer=serializer)
 
 
 def Pipe(
@@ -175,6 +188,7 @@ def Pipe(
     *,
     family: str = "AF_INET",
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+    serializer: Optional[Serializer] = None,
 ) -> Tuple[Channel, Channel]:
     """Return two connected Channels over loopback TCP (127.0.0.1, or ::1 with family='AF_INET6').
 
@@ -190,8 +204,10 @@ def Pipe(
         listening.bind((host, 0))
         listening.listen(8)
         accepted, connecting = _connect_own_pair(listening, deadline)
-    first = Channel(accepted.detach(), True, duplex, max_message_size=max_message_size)
-    second = Channel(connecting.detach(), duplex, True, max_message_size=max_message_size)
+    first = Channel(accepted.detach(), True, duplex, max_message_size=max_message_size,
+                    serializer=serializer)
+    second = Channel(connecting.detach(), duplex, True, max_message_size=max_message_size,
+                     serializer=serializer)
     handshake_pair(first, second, os.urandom(32), max(0.0, deadline - time.monotonic()))
     return first, second
 
