@@ -218,3 +218,46 @@ def make_payload(size, seed=0):
             _payload_cache.clear()
         _payload_cache[key] = random.Random(f"{size}-{seed}").randbytes(size)
     return _payload_cache[key]
+
+
+def buffer_rich_object(np, big=0):
+    """An object whose pickle-5 form carries out-of-band buffers (numpy arrays in C and Fortran
+    order, bytearrays, empty ones) next to in-band data. `big` adds a numpy array of that many
+    bytes."""
+    obj = {
+        "floats": np.arange(300_000, dtype=np.float64),
+        "fortran": np.asfortranarray(np.arange(20_000, dtype=np.int32).reshape(100, 200)),
+        "bytearray": bytearray(make_payload(200 * 1024)),
+        "tiny": bytearray(b"ab"),
+        "empty": bytearray(),
+        "empty_array": np.zeros(0, dtype=np.int16),
+        "bytes": make_payload(100 * 1024, seed=3),
+        "nested": [1, {"x": np.arange(5, dtype=np.uint8)}, ("t", None)],
+    }
+    if big:
+        obj["big"] = np.frombuffer(make_payload(big, seed=4), dtype=np.uint8).copy()
+    return obj
+
+
+def assert_same_object(got, expected):
+    """Deep equality that understands numpy arrays (dtype, shape, order and values)."""
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    assert type(got) is type(expected), f"{type(got)} is not {type(expected)}"
+    if np is not None and isinstance(expected, np.ndarray):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert got.flags.f_contiguous == expected.flags.f_contiguous
+        assert got.flags.c_contiguous == expected.flags.c_contiguous
+        assert np.array_equal(got, expected)
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert_same_object(got[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert_same_object(g, e)
+    else:
+        assert got == expected

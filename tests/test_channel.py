@@ -20,6 +20,8 @@ from conftest import (
     KIND_PICKLE,
     RECV_TIMEOUT,
     Background,
+    assert_same_object,
+    buffer_rich_object,
     frame,
     make_payload,
     recv_n_bytes,
@@ -438,6 +440,44 @@ def test_send_and_recv_round_trip_objects(pipe, obj):
     a, b = pipe
     sender = Background(lambda: a.send(obj, timeout=RECV_TIMEOUT))
     assert b.recv(timeout=RECV_TIMEOUT) == obj
+    sender.result()
+
+
+def test_objects_carrying_numpy_arrays_and_bytearrays_round_trip(pipe):
+    np = pytest.importorskip("numpy")
+    a, b = pipe
+    obj = buffer_rich_object(np)
+    sender = Background(lambda: a.send(obj, timeout=RECV_TIMEOUT))
+    assert_same_object(b.recv(timeout=RECV_TIMEOUT), obj)
+    sender.result()
+
+
+def test_objects_with_buffers_interleaved_with_byte_messages_keep_the_stream_whole(pipe):
+    np = pytest.importorskip("numpy")
+    a, b = pipe
+    objects = [buffer_rich_object(np), {"one": bytearray(b"1")}, [np.arange(10)],
+               buffer_rich_object(np, big=3 * MiB)]
+
+    def send_mixed():
+        for i, obj in enumerate(objects):
+            a.send(obj, timeout=RECV_TIMEOUT)
+            a.send_bytes(make_payload(i * 50 * KiB, seed=i), timeout=RECV_TIMEOUT)
+
+    sender = Background(send_mixed)
+    for i, obj in enumerate(objects):
+        assert_same_object(b.recv(timeout=RECV_TIMEOUT), obj)
+        assert b.recv_bytes(timeout=RECV_TIMEOUT) == make_payload(i * 50 * KiB, seed=i)
+    sender.result()
+
+
+def test_tiny_timeouts_while_a_large_object_with_buffers_streams_in_lose_nothing(pipe):
+    np = pytest.importorskip("numpy")
+    a, b = pipe
+    obj = buffer_rich_object(np, big=32 * MiB)
+    sender = Background(lambda: (a.send(obj, timeout=RECV_TIMEOUT),
+                                 a.send_bytes(b"after", timeout=RECV_TIMEOUT)))
+    assert_same_object(_receive_with_tiny_timeouts(lambda: b.recv(timeout=0.0005)), obj)
+    assert b.recv_bytes(timeout=RECV_TIMEOUT) == b"after"
     sender.result()
 
 

@@ -17,6 +17,8 @@ from conftest import (
     KIND_BYTES,
     RECV_TIMEOUT,
     Background,
+    assert_same_object,
+    buffer_rich_object,
     child_process,
     make_payload,
     recv_n_bytes,
@@ -165,6 +167,17 @@ OBJECTS = [
     ["x" * 100_000, list(range(50_000)), {i: str(i) for i in range(1000)}],
     {"blob": make_payload(3 * MiB), "nested": [[[[["deep"]]]]]},
 ]
+
+
+def test_objects_carrying_numpy_arrays_round_trip_through_a_child(start_method):
+    np = pytest.importorskip("numpy")
+    objects = [buffer_rich_object(np), buffer_rich_object(np, big=20 * MiB)]
+    a, b = loopfast.Pipe()
+    with a, child_process(start_method, _echo_objects, b, close_after_start=[b]):
+        for obj in objects:
+            a.send(obj, timeout=RECV_TIMEOUT)
+            assert_same_object(a.recv(timeout=RECV_TIMEOUT), obj)
+        a.send("STOP", timeout=RECV_TIMEOUT)
 
 
 def test_objects_round_trip_through_a_child(start_method):
