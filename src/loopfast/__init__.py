@@ -8,8 +8,8 @@ A drop-in superset of ``multiprocessing.connection``::
     print(b.recv())
 """
 
-from ._implementation import Channel, implementation
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
+from ._implementation import Channel, implementation
 from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
 from ._version import __version__
 from .connection import Client, Listener, Pipe, wait

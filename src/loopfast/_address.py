@@ -14,7 +14,7 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
 Resolver = Callable[..., Sequence[Tuple[Any, ...]]]
 
-__all__ = ["resolve", "check_peer", "family_from_name"]
+__all__ = ["check_peer", "family_from_name", "resolve"]
 
 _FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6}
 

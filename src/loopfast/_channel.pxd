@@ -40,7 +40,7 @@ cdef class Channel:
     cdef lf_socket_t _fd            # the connected socket; LF_INVALID_SOCKET once closed
     cdef bint _readable             # recv* allowed (False for the write end of Pipe(duplex=False))
     cdef bint _writable             # send* allowed (False for the read end of Pipe(duplex=False))
-    cdef uint64_t _max_message_size # frames announcing more raise ProtocolError before allocating
+    cdef uint64_t _max_message_size  # frames announcing more raise ProtocolError before allocating
     cdef object _max_message_size_obj  # the same, as given (int or None), for the property
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
 
@@ -57,7 +57,7 @@ cdef class Channel:
     # resumes it and the stream stays whole.
     cdef object _pending            # list of the message's parts (bytes/bytearray), or None
     cdef Py_ssize_t _pending_part   # index of the part being filled
-    cdef Py_ssize_t _pending_filled # bytes of that part already received
+    cdef Py_ssize_t _pending_filled  # bytes of that part already received
     cdef int _pending_kind          # frame kind of the message
 
     # The unsent tail of a frame whose send timed out part-way; sent before any later frame.
@@ -89,6 +89,8 @@ cdef class Channel:
     cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
                           int64_t deadline) except -1
-    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total, int64_t deadline) except -1
-    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size, int64_t deadline) except -1
+    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
+                       int64_t deadline) except -1
+    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
+                         int64_t deadline) except -1
     cdef int _protocol_error(self, str message) except -1

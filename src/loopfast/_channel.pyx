@@ -49,10 +49,10 @@ cdef enum:
     # Receive buffer: one recv() of up to this much takes in every small frame that has arrived.
     RECV_BUFFER_SIZE = 256 * 1024
     # A payload larger than this is read straight into its final object instead of through the
-    # receive buffer (saves one copy; below it the copy out of a cache-warm buffer is cheaper than the
-    # extra recv() calls a direct read needs). Measured, GB/s streaming recv_bytes(), direct from
-    # 16 KiB vs from 128 KiB: 20 kB 4.6 vs 4.1, 40 kB 6.6 vs 7.4, 60 kB 7.8 vs 7.6, 100 kB 6.9 vs
-    # 5.2: a wash below ~64 KiB, a clear gain above.
+    # receive buffer (saves one copy; below it the copy out of a cache-warm buffer is cheaper
+    # than the extra recv() calls a direct read needs). Measured, GB/s streaming recv_bytes(),
+    # direct from 16 KiB vs from 128 KiB: 20 kB 4.6 vs 4.1, 40 kB 6.6 vs 7.4, 60 kB 7.8 vs 7.6,
+    # 100 kB 6.9 vs 5.2: a wash below ~64 KiB, a clear gain above.
     DIRECT_READ_THRESHOLD = 64 * 1024
     # A frame up to this size is assembled with its header in one contiguous buffer and sent with
     # send(); above it, header and payload go out with one gather write (sendmsg) and no copy.
@@ -100,6 +100,13 @@ cdef tuple _pickle(object obj):
     collector = _BufferCollector()
     _OutOfBandPickler(out, collector).dump(obj)
     return out.getbuffer(), collector.buffers
+
+
+cdef inline Py_ssize_t _write(lf_socket_t fd, lf_iovec *iov, int count) noexcept nogil:
+    """One write of the bytes described by `iov`: send() for one piece, a gather write for more."""
+    if count == 1:
+        return lf_send(fd, <char *>iov[0].base, iov[0].len)
+    return lf_sendv(fd, iov, count)
 
 
 cdef int _check_serializer(object serializer) except -1:
@@ -198,7 +205,8 @@ cdef class Channel:
         self._sbuf = <char *>PyMem_Malloc(SMALL_SEND_SIZE + HEADER_SIZE)
         self._send_lock = PyThread_allocate_lock()
         self._recv_lock = PyThread_allocate_lock()
-        if self._rbuf == NULL or self._sbuf == NULL or self._send_lock == NULL or self._recv_lock == NULL:
+        if (self._rbuf == NULL or self._sbuf == NULL
+                or self._send_lock == NULL or self._recv_lock == NULL):
             raise MemoryError()
         self._rcap = RECV_BUFFER_SIZE
         self._rstart = self._rend = 0
@@ -347,7 +355,7 @@ cdef class Channel:
         self.close()
         raise ProtocolError(message)
 
-    # ---- waiting ----------------------------------------------------------------------------------
+    # ---- waiting ------------------------------------------------------------------------------
 
     cdef int _wait(self, short events, int64_t deadline) except -1:
         """Wait with the GIL released until the socket is ready for `events`.
@@ -384,7 +392,7 @@ cdef class Channel:
                 continue
             _raise_os_error(err)
 
-    # ---- receiving --------------------------------------------------------------------------------
+    # ---- receiving ----------------------------------------------------------------------------
 
     cdef int _fill(self, int64_t deadline) except -1:
         """Receive at least one more byte into the receive buffer."""
@@ -416,7 +424,8 @@ cdef class Channel:
                 return 0
             if n == 0:
                 if self._rend > self._rstart or self._pending is not None:
-                    self._protocol_error("the peer closed the connection in the middle of a message")
+                    self._protocol_error(
+                        "the peer closed the connection in the middle of a message")
                 raise EOFError("the peer closed the connection")
             err = lf_last_error()
             if lf_error_would_block(err):
@@ -741,8 +750,6 @@ cdef class Channel:
 
     def _has_message(self):
         """True if a whole message is already in the receive buffer (no syscall)."""
-        cdef int kind
-        cdef Py_ssize_t length
         cdef Py_ssize_t avail = self._rend - self._rstart
         if self._fd == LF_INVALID_SOCKET or avail < HEADER_SIZE or self._pending is not None:
             return False
@@ -751,9 +758,10 @@ cdef class Channel:
         return <Py_ssize_t>lf_load_u64le(<const unsigned char *>(self._rbuf + self._rstart + 8)) \
             <= avail - HEADER_SIZE
 
-    # ---- sending ----------------------------------------------------------------------------------
+    # ---- sending ------------------------------------------------------------------------------
 
-    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total, int64_t deadline) except -1:
+    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
+                       int64_t deadline) except -1:
         """Write all `total` bytes described by `iov`. If the deadline passes (or a signal
         interrupts) after part of them went out, the rest is copied to _send_rest and goes out
         before the next frame, so the peer never sees half a frame followed by another."""
@@ -770,11 +778,11 @@ cdef class Channel:
             elif total - sent > RELEASE_GIL_SIZE:
                 self._blocked += 1
                 with nogil:
-                    n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
+                    n = _write(fd, iov, count)
                     err = lf_last_error()
                 self._unblocked()
             else:
-                n = lf_sendv(fd, iov, count) if count > 1 else lf_send(fd, <char *>iov[0].base, iov[0].len)
+                n = _write(fd, iov, count)
                 err = lf_last_error()
             if n >= 0:
                 sent += n
@@ -830,7 +838,8 @@ cdef class Channel:
             raise
         return 0
 
-    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size, int64_t deadline) except -1:
+    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
+                         int64_t deadline) except -1:
         cdef unsigned char header[HEADER_SIZE]
         cdef lf_iovec iov[2]
         cdef unsigned char *h
@@ -852,7 +861,8 @@ cdef class Channel:
         h[1] = h[2] = h[3] = 0
         lf_store_u32le(h + 4, 0)
         lf_store_u64le(h + 8, size)
-        return self._send_all(iov, 1 if size <= SMALL_SEND_SIZE else 2, HEADER_SIZE + size, deadline)
+        return self._send_all(iov, 1 if size <= SMALL_SEND_SIZE else 2, HEADER_SIZE + size,
+                              deadline)
 
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
                           int64_t deadline) except -1:
@@ -996,7 +1006,7 @@ cdef class Channel:
     # ---- handing a channel to another process (see _reduction in connection.py) ------------------
 
     def _buffered(self):
-        """The bytes received but not yet consumed, for a copy of this channel in another process."""
+        """The bytes received but not yet consumed, for this channel's copy in another process."""
         if self._pending is not None:
             raise OSError("cannot hand over a channel in the middle of receiving a large message")
         if self._send_rest is not None:

@@ -10,7 +10,10 @@ __all__ = ["AuthenticationError", "BufferTooShort", "ProtocolError"]
 
 
 class BufferTooShort(multiprocessing.BufferTooShort):
-    """``recv_bytes_into`` got a message larger than the buffer; ``args[0]`` is the whole message."""
+    """``recv_bytes_into`` got a message larger than the buffer.
+
+    ``args[0]`` is the whole message.
+    """
 
 
 class AuthenticationError(multiprocessing.AuthenticationError):

@@ -11,7 +11,7 @@ import os
 import platform
 from typing import TYPE_CHECKING, Tuple, Type
 
-__all__ = ["Channel", "CHANNEL_TYPES", "implementation"]
+__all__ = ["CHANNEL_TYPES", "Channel", "implementation"]
 
 
 def _pure_requested() -> bool:

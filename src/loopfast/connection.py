@@ -14,9 +14,9 @@ from typing import Any, Iterable, List, Optional, Protocol, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
-from ._implementation import CHANNEL_TYPES, Channel
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._handshake import CONNECTOR, LISTENER, handshake, handshake_pair
+from ._implementation import CHANNEL_TYPES, Channel
 from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = [
