@@ -124,7 +124,7 @@ def raw_peer(family):
         raw.close()
 
 
-# ---- background work with bounded joins ------------------------------------------------------------
+# ---- background work with bounded joins ----------------------------------------------------------
 
 class Background:
     """Run fn(*args) in a daemon thread; result() joins (bounded) and re-raises its exception."""
@@ -138,7 +138,7 @@ class Background:
     def _run(self, fn, args):
         try:
             self._result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 (handed to the test thread by result())
+        except BaseException as exc:  # handed to the test thread by result()
             self._error = exc
 
     def result(self, timeout=JOIN_TIMEOUT):
@@ -159,7 +159,7 @@ def recv_n_bytes(channel, count, timeout=RECV_TIMEOUT):
     return [channel.recv_bytes(timeout=timeout) for _ in range(count)]
 
 
-# ---- child processes ---------------------------------------------------------------------------------
+# ---- child processes -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def child_process(method, target, *args, exitcode=0, close_after_start=()):

@@ -75,8 +75,9 @@ def test_a_2_5_gib_message_round_trips_between_two_processes():
     np = pytest.importorskip("numpy")
     available = _available_memory()
     if available is None or available < 8 * GiB:
-        pytest.skip(f"needs 8 GiB of available memory (2.5 GiB per process plus headroom); "
-                    f"this machine has {'an unknown amount' if available is None else f'{available / GiB:.1f} GiB'}")
+        have = "an unknown amount" if available is None else f"{available / GiB:.1f} GiB"
+        pytest.skip("needs 8 GiB of available memory (2.5 GiB per process plus headroom); "
+                    f"this machine has {have}")
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     a, b = loopfast.Pipe()
     # The child starts before the big buffer exists, so it shares none of it.

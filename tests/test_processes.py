@@ -35,7 +35,7 @@ ECHO_SIZES = [0, 1, 16 * KiB - 1, 16 * KiB, 16 * KiB + 1, 64 * KiB, 64 * KiB + 1
               256 * KiB - 16, 256 * KiB + 1, 4 * MiB + 5, 64 * MiB]
 
 
-# ---- child targets ---------------------------------------------------------------------------------
+# ---- child targets -------------------------------------------------------------------------------
 
 def _echo_bytes(ch):
     """Echo messages until STOP; even ones through recv_bytes, odd ones through recv_bytes_into
@@ -122,7 +122,7 @@ def _recv_until_interrupted(ch):
     ch.close()
 
 
-# ---- tests -----------------------------------------------------------------------------------------
+# ---- tests ---------------------------------------------------------------------------------------
 
 def test_round_trip_of_every_size_through_a_child(start_method, family):
     a, b = loopfast.Pipe(family=family)
@@ -253,8 +253,10 @@ def test_child_killed_in_the_middle_of_a_large_send_gives_protocolerror(start_me
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 @pytest.mark.parametrize("how", ["recv_bytes", "recv_bytes_into", "recv"])
-@pytest.mark.parametrize("cut", [7, 16, 16 + 1000], ids=["mid-header", "header-only", "mid-payload"])
-def test_child_killed_mid_frame_delivers_earlier_messages_then_protocolerror(start_method, how, cut):
+@pytest.mark.parametrize("cut", [7, 16, 16 + 1000],
+                         ids=["mid-header", "header-only", "mid-payload"])
+def test_child_killed_mid_frame_delivers_earlier_messages_then_protocolerror(
+        start_method, how, cut):
     full = FRAME_HEADER.pack(KIND_BYTES, 0, 0, 0, 5000) + make_payload(5000)
     a, b = loopfast.Pipe()
     with a, child_process(start_method, _send_then_hang_mid_frame, b, 2, full[:cut],
