@@ -11,6 +11,7 @@ A drop-in superset of ``multiprocessing.connection``::
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._implementation import Channel, implementation
 from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
+from ._spin import get_default_spin, set_default_spin
 from ._version import __version__
 from .connection import Client, Listener, Pipe, wait
 
@@ -24,6 +25,8 @@ __all__ = [
     "Pipe",
     "ProtocolError",
     "__version__",
+    "get_default_spin",
     "implementation",
+    "set_default_spin",
     "wait",
 ]

@@ -29,6 +29,7 @@ cdef extern from "_platform.h" nogil:
     int lf_shutdown_both(lf_socket_t s)
     int lf_set_nodelay(lf_socket_t s)
     int64_t lf_monotonic_ns()
+    void lf_yield()
     void lf_set_os_error(int err) with gil
     void lf_store_u64le(unsigned char *p, uint64_t v)
     uint64_t lf_load_u64le(const unsigned char *p)
@@ -42,6 +43,7 @@ cdef class Channel:
     cdef bint _writable             # send* allowed (False for the read end of Pipe(duplex=False))
     cdef uint64_t _max_message_size  # frames announcing more raise ProtocolError before allocating
     cdef object _max_message_size_obj  # the same, as given (int or None), for the property
+    cdef int64_t _spin_ns           # busy-poll budget before a wait sleeps; -1: process default
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
 
     # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed. One recv()

@@ -89,6 +89,8 @@ static inline int lf_set_nonblocking(lf_socket_t s) {
 }
 
 static inline int lf_close(lf_socket_t s) { return closesocket(s) == SOCKET_ERROR ? -1 : 0; }
+/* Let another runnable thread on this CPU go first (used between busy-poll checks). */
+static inline void lf_yield(void) { SwitchToThread(); }
 static inline int lf_set_nodelay(lf_socket_t s) {
     BOOL on = TRUE;
     return setsockopt(s, IPPROTO_TCP, TCP_NODELAY, (const char *)&on, sizeof(on)) == SOCKET_ERROR ? -1 : 0;
@@ -115,6 +117,7 @@ static inline void lf_set_os_error(int err) { PyErr_SetExcFromWindowsErr(PyExc_O
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -200,6 +203,8 @@ static inline int lf_set_nonblocking(lf_socket_t s) {
 }
 
 static inline int lf_close(lf_socket_t s) { return close(s); }
+/* Let another runnable thread on this CPU go first (used between busy-poll checks). */
+static inline void lf_yield(void) { sched_yield(); }
 static inline int lf_set_nodelay(lf_socket_t s) {
     int on = 1;
     return setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));

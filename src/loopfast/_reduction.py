@@ -30,7 +30,8 @@ def _state(channel: Channel) -> Tuple[Any, ...]:
     serializer = channel.serializer
     if isinstance(serializer, types.ModuleType):
         serializer = _ModuleRef(serializer.__name__)
-    options = {"max_message_size": channel.max_message_size, "serializer": serializer}
+    options = {"max_message_size": channel.max_message_size, "serializer": serializer,
+               "spin": channel.spin}
     return channel.readable, channel.writable, options, buffered
 
 

@@ -7,10 +7,11 @@ under that name). Differences are listed in README.md ("Migrating from multiproc
 
 import multiprocessing.connection
 import os
+import select
 import socket
 import time
 from types import TracebackType
-from typing import Any, Iterable, List, Optional, Protocol, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
@@ -18,6 +19,7 @@ from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._handshake import CONNECTOR, LISTENER, handshake, handshake_pair
 from ._implementation import CHANNEL_TYPES, Channel
 from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from ._spin import channel_spin
 
 __all__ = [
     "AuthenticationError",
@@ -67,6 +69,7 @@ class Listener:
         max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
         serializer: Optional[Serializer] = None,
+        spin: Optional[float] = None,
     ) -> None:
         _check_authkey(authkey)
         fam = family_from_name(family)
@@ -87,9 +90,9 @@ class Listener:
         self._family = fam
         self._address: Tuple[str, int] = sock.getsockname()[:2]
         self._authkey = authkey
-        self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
-        self._serializer = serializer
+        self._options: Dict[str, Any] = {
+            "max_message_size": max_message_size, "serializer": serializer, "spin": spin}
         self._last_accepted: Optional[Tuple[str, int]] = None
 
     def accept(self) -> Channel:
@@ -103,8 +106,7 @@ class Listener:
             sock.close()
             raise
         self._last_accepted = peer[:2]
-        channel = Channel(sock.detach(), max_message_size=self._max_message_size,
-                          serializer=self._serializer)
+        channel = Channel(sock.detach(), **self._options)
         handshake(channel, self._authkey, LISTENER, self._handshake_timeout)
         return channel
 
@@ -148,6 +150,7 @@ def connect(
     timeout: Optional[float] = None,
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     serializer: Optional[Serializer] = None,
+    spin: Optional[float] = None,
 ) -> Channel:
     """Connect to a loopfast Listener at a loopback `address` and return a Channel.
 
@@ -164,7 +167,8 @@ def connect(
     except BaseException:
         sock.close()
         raise
-    channel = Channel(sock.detach(), max_message_size=max_message_size, serializer=serializer)
+    channel = Channel(sock.detach(), max_message_size=max_message_size, serializer=serializer,
+                      spin=spin)
     handshake(channel, authkey, CONNECTOR, max(0.0, limit - (time.monotonic() - start)))
     return channel
 
@@ -177,10 +181,11 @@ def Client(
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     timeout: Optional[float] = None,
     serializer: Optional[Serializer] = None,
+    spin: Optional[float] = None,
 ) -> Channel:
     """Connect to a Listener at `address` and return a Channel (as multiprocessing's Client)."""
     return connect(address, family=family, authkey=authkey, timeout=timeout,
-                   max_message_size=max_message_size, serializer=serializer)
+                   max_message_size=max_message_size, serializer=serializer, spin=spin)
 
 
 def Pipe(
@@ -189,6 +194,7 @@ def Pipe(
     family: str = "AF_INET",
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     serializer: Optional[Serializer] = None,
+    spin: Optional[float] = None,
 ) -> Tuple[Channel, Channel]:
     """Return two connected Channels over loopback TCP (127.0.0.1, or ::1 with family='AF_INET6').
 
@@ -205,9 +211,9 @@ def Pipe(
         listening.listen(8)
         accepted, connecting = _connect_own_pair(listening, deadline)
     first = Channel(accepted.detach(), True, duplex, max_message_size=max_message_size,
-                    serializer=serializer)
+                    serializer=serializer, spin=spin)
     second = Channel(connecting.detach(), duplex, True, max_message_size=max_message_size,
-                     serializer=serializer)
+                     serializer=serializer, spin=spin)
     handshake_pair(first, second, os.urandom(32), max(0.0, deadline - time.monotonic()))
     return first, second
 
@@ -246,8 +252,33 @@ def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> List[An
     without a syscall: use this wait, not multiprocessing's, with loopfast channels.
     """
     object_list = list(object_list)
-    ready = [obj for obj in object_list
-             if isinstance(obj, CHANNEL_TYPES) and obj._has_message()]
+    channels = [obj for obj in object_list if isinstance(obj, CHANNEL_TYPES)]
+    ready = [obj for obj in channels if obj._has_message()]
     if ready:
         return ready
+    budget = max((channel_spin(channel.spin) for channel in channels), default=0.0) / 1e6
+    if budget > 0 and timeout != 0 and hasattr(select, "poll"):
+        start = time.monotonic()
+        ready = _spin_wait(object_list, budget if timeout is None else min(budget, timeout))
+        if ready:
+            return ready
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - start))
     return multiprocessing.connection.wait(object_list, timeout)
+
+
+def _spin_wait(object_list: List[Any], budget: float) -> List[Any]:
+    """Check readiness without sleeping for up to `budget` seconds (the spin of loopfast.wait)."""
+    poller = select.poll()
+    by_fd: Dict[int, List[Any]] = {}
+    for obj in object_list:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        by_fd.setdefault(fd, []).append(obj)
+        poller.register(fd, select.POLLIN)
+    end = time.monotonic() + budget
+    while True:
+        events = poller.poll(0)
+        if events:
+            return [obj for fd, _ in events for obj in by_fd[fd]]
+        if time.monotonic() >= end:
+            return []

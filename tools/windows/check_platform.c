@@ -25,6 +25,7 @@ int main(void) {
     (void)lf_shutdown_both(s);
     (void)lf_close(s);
     (void)lf_monotonic_ns();
+    lf_yield();
     lf_set_os_error(err);
     lf_store_u64le(header + 8, 1);
     lf_store_u32le(header + 4, (uint32_t)lf_load_u64le(header + 8));
