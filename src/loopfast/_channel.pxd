@@ -67,6 +67,11 @@ cdef class Channel:
 
     cdef int _blocked               # threads inside a GIL-released call on _fd (see close())
     cdef lf_socket_t _deferred_close_fd  # closed by the last of them, after close() shut it down
+    # batch(): small frames gather here and go out many per send().
+    cdef int _batch_depth           # open batch() blocks
+    cdef char *_batch_buf
+    cdef Py_ssize_t _batch_len
+    cdef Py_ssize_t _batch_cap
     cdef char *_sbuf                # scratch space where a small frame is assembled for one send()
     cdef PyThread_type_lock _send_lock  # one sender at a time: frames never interleave
     cdef PyThread_type_lock _recv_lock  # one receiver at a time: each gets whole messages
@@ -85,9 +90,14 @@ cdef class Channel:
     cdef int _start_pending(self, list parts, int kind) except -1
     cdef list _object_parts(self, Py_ssize_t length, uint32_t count)
     cdef int _refuse_object(self) except -1
+    cdef bint _fill_nowait(self) except -1
     cdef bint _next_is_object(self, int64_t deadline) except -1
     cdef _bad_message_length(self)
     cdef int _flush_rest(self, int64_t deadline) except -1
+    cdef int _flush_pending_sends(self, int64_t deadline) except -1
+    cdef int _reserve_batch(self, Py_ssize_t extra) except -1
+    cdef int _flush_batch(self, int64_t deadline) except -1
+    cdef int _end_batch(self, object timeout) except -1
     cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
                           int64_t deadline) except -1

@@ -13,7 +13,7 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
                                 PyByteArray_GET_SIZE)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus,
                                PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock)
@@ -61,6 +61,8 @@ cdef enum:
     SMALL_SEND_SIZE = 8 * 1024
     # A recv() after a wait that returns at least this much says the peer outruns us.
     RECV_PLENTY = 16 * 1024
+    # Inside batch(), the buffered frames are written once they reach this size.
+    BATCH_FLUSH_SIZE = 64 * 1024
     # While busy-polling: time between two readiness checks, and how often to give the CPU
     # away in case the peer shares it (ns).
     SPIN_GAP_NS = 2000
@@ -150,6 +152,41 @@ cdef inline Py_ssize_t _write(lf_socket_t fd, lf_iovec *iov, int count) noexcept
     return lf_sendv(fd, iov, count)
 
 
+cdef inline bint _plain_frame_header(const unsigned char *h, uint64_t max_size) noexcept nogil:
+    """A valid header of kind 1 or 2 within the size limit (the common case of _header_error)."""
+    return ((h[0] == KIND_BYTES or h[0] == KIND_PICKLE) and h[1] == 0 and h[2] == 0 and h[3] == 0
+            and lf_load_u32le(h + 4) == 0 and lf_load_u64le(h + 8) <= max_size
+            and lf_load_u64le(h + 8) <= <uint64_t>PY_SSIZE_T_MAX)
+
+
+cdef inline void _store_header(unsigned char *h, int kind, uint32_t count,
+                               uint64_t length) noexcept nogil:
+    """Encode a frame header (docs/protocol.md, "Frames")."""
+    h[0] = <unsigned char>kind
+    h[1] = h[2] = h[3] = 0
+    lf_store_u32le(h + 4, count)
+    lf_store_u64le(h + 8, length)
+
+
+cdef class _Batch:
+    """What Channel.batch() returns."""
+    cdef Channel channel
+    cdef object timeout
+
+    def __cinit__(self, Channel channel, timeout):
+        self.channel = channel
+        self.timeout = timeout
+
+    def __enter__(self):
+        _lock(self.channel._send_lock)
+        self.channel._batch_depth += 1
+        PyThread_release_lock(self.channel._send_lock)
+        return self.channel
+
+    def __exit__(self, *exc_info):
+        self.channel._end_batch(self.timeout)
+
+
 cdef int _check_serializer(object serializer) except -1:
     if serializer is not None and not (callable(getattr(serializer, "dumps", None))
                                        and callable(getattr(serializer, "loads", None))):
@@ -223,6 +260,7 @@ cdef class Channel:
         self._blocked = 0
         self._rbuf = NULL
         self._sbuf = NULL
+        self._batch_buf = NULL
         self._send_lock = NULL
         self._recv_lock = NULL
 
@@ -287,6 +325,7 @@ cdef class Channel:
             lf_close(self._deferred_close_fd)
         PyMem_Free(self._rbuf)
         PyMem_Free(self._sbuf)
+        PyMem_Free(self._batch_buf)
         if self._send_lock != NULL:
             PyThread_free_lock(self._send_lock)
         if self._recv_lock != NULL:
@@ -727,6 +766,67 @@ cdef class Channel:
         self._read_header(&kind, &length)
         return kind == KIND_OBJECT
 
+    def recv_bytes_many(self, max_messages=None, *, timeout=None):
+        """Wait for the next message (up to `timeout`), then return it with every further whole
+        message already received, up to `max_messages`, as a list of bytes. The further ones
+        come out of the receive buffer without a syscall each; one more nonblocking recv() is
+        made when the buffer runs dry. At least one message is returned, or an exception raised.
+        """
+        cdef Py_ssize_t limit = -1, avail, length, taken
+        cdef int kind
+        cdef const unsigned char *h
+        cdef list out
+        self._check_readable()
+        if max_messages is not None:
+            if max_messages < 1:
+                raise ValueError("max_messages must be >= 1 or None")
+            limit = max_messages
+        cdef int64_t deadline = _deadline(timeout)
+        _lock(self._recv_lock)
+        try:
+            if self._next_is_object(deadline):
+                self._refuse_object()
+            out = [self._recv_frame(deadline, -1, &kind)]
+            taken = 1
+            while limit < 0 or taken < limit:
+                avail = self._rend - self._rstart
+                h = <const unsigned char *>(self._rbuf + self._rstart)
+                if avail >= HEADER_SIZE and _plain_frame_header(h, self._max_message_size):
+                    length = <Py_ssize_t>lf_load_u64le(h + 8)
+                    if length <= avail - HEADER_SIZE:
+                        out.append(PyBytes_FromStringAndSize(<char *>h + HEADER_SIZE, length))
+                        self._rstart += HEADER_SIZE + length
+                        taken += 1
+                        continue
+                    if length > DIRECT_READ_THRESHOLD:
+                        break  # a large payload: the next call reads it into its own object
+                elif avail >= HEADER_SIZE:
+                    break  # an object message or a bad header: the next call takes or reports it
+                # A partial frame (or none): one nonblocking recv() for more, then stop.
+                if not self._fill_nowait():
+                    break
+            return out
+        finally:
+            PyThread_release_lock(self._recv_lock)
+
+    cdef bint _fill_nowait(self) except -1:
+        """One nonblocking recv() into the receive buffer: True if it brought data. End of
+        stream and errors are left for the next receive to report."""
+        cdef Py_ssize_t n
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif self._rcap - self._rend < self._rcap // 4:
+            memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
+            self._rend -= self._rstart
+            self._rstart = 0
+        if self._rend == self._rcap:
+            return False
+        n = lf_recv(self._fd, self._rbuf + self._rend, <size_t>(self._rcap - self._rend))
+        if n <= 0:
+            return False
+        self._rend += n
+        return True
+
     def recv(self, *, timeout=None):
         """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
         cdef int kind
@@ -912,29 +1012,162 @@ cdef class Channel:
 
     cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
                          int64_t deadline) except -1:
+        """Send one frame (the send lock is held)."""
         cdef unsigned char header[HEADER_SIZE]
         cdef lf_iovec iov[2]
-        cdef unsigned char *h
-        if self._send_rest is not None:
-            self._flush_rest(deadline)
+        if self._batch_depth > 0 and size <= SMALL_SEND_SIZE:
+            # Inside batch(): append to the batch buffer; it goes out when full or at the end.
+            if self._send_rest is not None:
+                self._flush_rest(deadline)
+            self._reserve_batch(HEADER_SIZE + size)
+            _store_header(<unsigned char *>self._batch_buf + self._batch_len, kind, 0, size)
+            memcpy(self._batch_buf + self._batch_len + HEADER_SIZE, data, size)
+            self._batch_len += HEADER_SIZE + size
+            if self._batch_len >= BATCH_FLUSH_SIZE:
+                self._flush_batch(deadline)
+            return 0
+        self._flush_pending_sends(deadline)
         if size <= SMALL_SEND_SIZE:
             # One contiguous send(): for small frames a memcpy is cheaper than a gather write.
-            h = <unsigned char *>self._sbuf
+            _store_header(<unsigned char *>self._sbuf, kind, 0, size)
             memcpy(self._sbuf + HEADER_SIZE, data, size)
             iov[0].base = self._sbuf
             iov[0].len = HEADER_SIZE + size
-        else:
-            h = header
-            iov[0].base = header
-            iov[0].len = HEADER_SIZE
-            iov[1].base = <void *>data
-            iov[1].len = size
-        h[0] = kind
-        h[1] = h[2] = h[3] = 0
-        lf_store_u32le(h + 4, 0)
-        lf_store_u64le(h + 8, size)
-        return self._send_all(iov, 1 if size <= SMALL_SEND_SIZE else 2, HEADER_SIZE + size,
-                              deadline)
+            return self._send_all(iov, 1, HEADER_SIZE + size, deadline)
+        _store_header(header, kind, 0, size)
+        iov[0].base = header
+        iov[0].len = HEADER_SIZE
+        iov[1].base = <void *>data
+        iov[1].len = size
+        return self._send_all(iov, 2, HEADER_SIZE + size, deadline)
+
+    cdef int _flush_pending_sends(self, int64_t deadline) except -1:
+        """Before a frame goes out directly: the rest of a timed-out frame, then the batch."""
+        if self._send_rest is not None:
+            self._flush_rest(deadline)
+        if self._batch_len > 0:
+            self._flush_batch(deadline)
+        return 0
+
+    cdef int _reserve_batch(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t capacity
+        cdef char *grown
+        if self._batch_len + extra <= self._batch_cap:
+            return 0
+        capacity = max(self._batch_len + extra, 2 * self._batch_cap, BATCH_FLUSH_SIZE)
+        grown = <char *>PyMem_Realloc(self._batch_buf, capacity)
+        if grown == NULL:
+            raise MemoryError()
+        self._batch_buf = grown
+        self._batch_cap = capacity
+        return 0
+
+    cdef int _flush_batch(self, int64_t deadline) except -1:
+        """Write the batch buffer (the send lock is held). If the deadline passes part-way the
+        rest moves to _send_rest; if nothing went out, the batch stays as it was."""
+        cdef lf_iovec iov
+        if self._batch_len == 0:
+            return 0
+        iov.base = self._batch_buf
+        iov.len = self._batch_len
+        try:
+            self._send_all(&iov, 1, self._batch_len, deadline)
+        except BaseException:
+            if self._send_rest is not None:  # part of it went out: the rest is saved there
+                self._batch_len = 0
+            raise
+        self._batch_len = 0
+        return 0
+
+    def batch(self, *, timeout=None):
+        """Context manager: sends inside the block are coalesced into one buffer, written when it
+        reaches 64 KiB and when the block ends (also on an exception), many frames per send().
+        Outside a batch every send goes out at once. `timeout` bounds the final write.
+
+        While a batch is open, every small send on this channel joins it (from any thread);
+        a large payload or an object with out-of-band buffers flushes the batch and goes out
+        after it, so the order of messages never changes.
+        """
+        self._check_writable()
+        return _Batch(self, timeout)
+
+    cdef int _end_batch(self, object timeout) except -1:
+        _lock(self._send_lock)
+        try:
+            self._batch_depth -= 1
+            if self._batch_depth == 0 and self._fd != LF_INVALID_SOCKET:
+                self._flush_pending_sends(_deadline(timeout))
+        finally:
+            PyThread_release_lock(self._send_lock)
+        return 0
+
+    def send_bytes_many(self, buffers, *, timeout=None):
+        """Send every buffer of an iterable as its own message, with as few gather writes as
+        possible: small payloads are copied, with their headers, into one block; large ones are
+        written from their own memory. Nothing is sent if any item is not a buffer."""
+        cdef list items = buffers if type(buffers) is list else list(buffers)
+        cdef Py_ssize_t count = len(items), i, nviews = 0, niov = 0, block_size = 0, pos = 0
+        cdef Py_ssize_t total = 0, size
+        cdef Py_buffer *views = NULL
+        cdef lf_iovec *iov = NULL
+        cdef char *block = NULL
+        cdef const char *data
+        cdef object item
+        self._check_writable()
+        cdef int64_t deadline = _deadline(timeout)
+        if count == 0:
+            return
+        try:
+            views = <Py_buffer *>PyMem_Malloc(count * sizeof(Py_buffer))
+            iov = <lf_iovec *>PyMem_Malloc((2 * count + 1) * sizeof(lf_iovec))
+            if views == NULL or iov == NULL:
+                raise MemoryError()
+            for i in range(count):
+                item = items[i]
+                try:
+                    PyObject_GetBuffer(item, &views[i], PyBUF_SIMPLE)
+                except (BufferError, ValueError):
+                    item = memoryview(item).tobytes()  # not contiguous: one C-order copy
+                    PyObject_GetBuffer(item, &views[i], PyBUF_SIMPLE)
+                nviews += 1
+                block_size += HEADER_SIZE
+                if views[i].len <= SMALL_SEND_SIZE:
+                    block_size += views[i].len
+            block = <char *>PyMem_Malloc(block_size)
+            if block == NULL:
+                raise MemoryError()
+            for i in range(count):
+                size = views[i].len
+                data = <const char *>views[i].buf
+                # This frame's header (and small payload) extends the block piece in progress.
+                if niov == 0 or <char *>iov[niov - 1].base + iov[niov - 1].len != block + pos:
+                    iov[niov].base = block + pos
+                    iov[niov].len = 0
+                    niov += 1
+                _store_header(<unsigned char *>block + pos, KIND_BYTES, 0, size)
+                pos += HEADER_SIZE
+                iov[niov - 1].len += HEADER_SIZE
+                if size <= SMALL_SEND_SIZE:
+                    memcpy(block + pos, data, size)
+                    pos += size
+                    iov[niov - 1].len += size
+                else:
+                    iov[niov].base = <void *>data
+                    iov[niov].len = size
+                    niov += 1
+                total += HEADER_SIZE + size
+            _lock(self._send_lock)
+            try:
+                self._flush_pending_sends(deadline)
+                self._send_all(iov, <int>niov, total, deadline)
+            finally:
+                PyThread_release_lock(self._send_lock)
+        finally:
+            for i in range(nviews):
+                PyBuffer_Release(&views[i])
+            PyMem_Free(views)
+            PyMem_Free(iov)
+            PyMem_Free(block)
 
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
                           int64_t deadline) except -1:
@@ -1022,16 +1255,12 @@ cdef class Channel:
                 total += views[i].len
                 iov[i + 1].base = views[i].buf
                 iov[i + 1].len = views[i].len
-            head[0] = KIND_OBJECT
-            head[1] = head[2] = head[3] = 0
-            lf_store_u32le(head + 4, <uint32_t>count)
-            lf_store_u64le(head + 8, total)
+            _store_header(head, KIND_OBJECT, <uint32_t>count, total)
             iov[0].base = head
             iov[0].len = head_size
             _lock(self._send_lock)
             try:
-                if self._send_rest is not None:
-                    self._flush_rest(deadline)
+                self._flush_pending_sends(deadline)
                 self._send_all(iov, <int>(count + 2), <Py_ssize_t>(HEADER_SIZE + total), deadline)
             finally:
                 PyThread_release_lock(self._send_lock)
