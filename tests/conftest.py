@@ -32,6 +32,11 @@ KIND_BYTES = 1
 KIND_PICKLE = 2
 
 
+def pytest_report_header(config):
+    """Which channel implementation this run tests (LOOPFAST_NO_EXTENSIONS=1: the pure one)."""
+    return f"loopfast {loopfast.__version__}, implementation: {loopfast.implementation}"
+
+
 def _ipv6_loopback_available():
     if not socket.has_ipv6:
         return False
