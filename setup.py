@@ -13,11 +13,19 @@ if os.environ.get("LOOPFAST_DEBUG"):
 if sys.platform == "win32":
     libraries = ["ws2_32"]
     extra_compile_args = []
+    extra_link_args = []
 else:
     libraries = []
     extra_compile_args = ["-Wall"]
+    extra_link_args = []
     if os.environ.get("LOOPFAST_DEBUG"):
         extra_compile_args += ["-O0", "-g"]
+    if os.environ.get("LOOPFAST_SANITIZE"):
+        # AddressSanitizer + UndefinedBehaviorSanitizer; run with libasan preloaded (see
+        # .github/workflows/ci.yml, job "sanitizers").
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+        extra_compile_args += sanitize
+        extra_link_args += sanitize
 
 extensions = [
     Extension(
@@ -27,6 +35,7 @@ extensions = [
         libraries=libraries,
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
     ),
 ]
 
