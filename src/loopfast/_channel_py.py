@@ -15,9 +15,14 @@ The design is the compiled one, expressed with the standard library:
   object (see `_new_payload` for how the result is ``bytes`` without a copy);
 - a small frame is sent as one ``send()`` of header + payload; a large one as one
   ``sendmsg([header, payload])`` gather write that never copies the payload;
-- a receive interrupted in the middle of a large payload (timeout, Ctrl-C) keeps what arrived, and
-  a send interrupted after part of a frame went out keeps the unsent rest, so the byte stream
-  always stays whole.
+- ``send(obj)`` pickles at protocol 5 with a ``buffer_callback``: buffers of 4 KiB and more
+  (numpy arrays, ``pickle.PickleBuffer``) stay out of band and go out, each from its own memory,
+  in one ``sendmsg([header + size table, pickle, buffer, ...])`` (an object message, kind 3,
+  docs/protocol.md "Objects"); ``recv()`` allocates each buffer once as a writable bytearray, reads
+  the socket straight into it and hands them all to ``pickle.loads(..., buffers=...)``;
+- a receive interrupted in the middle of a large payload or of an object message (timeout, Ctrl-C)
+  keeps what arrived, and a send interrupted after part of a frame went out keeps the unsent rest,
+  so the byte stream always stays whole.
 
 tests/test_twin.py runs the same behaviours, errors and messages against both implementations.
 """
@@ -25,8 +30,11 @@ tests/test_twin.py runs the same behaviours, errors and messages against both im
 import io
 import math
 import operator
+import os
+import pickle
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -45,6 +53,15 @@ DIRECT_READ_THRESHOLD = 64 * 1024  # larger payloads skip the receive buffer
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
 RECV_PLENTY = 16 * 1024          # a recv after a wait that returns this much: the peer outruns us
 
+# ---- object messages (docs/protocol.md, "Objects") -----------------------------------------------
+KIND_OBJECT = 3        # a pickle-5 with out-of-band buffers: size table, pickle, buffers
+# Most out-of-band buffers one object message may carry; with the header, its size table (8 bytes
+# per part) always fits in the receive buffer. A pickle with more goes in band (kind 2).
+MAX_OOB_BUFFERS = 8191
+# Buffers smaller than this stay in the in-band pickle: out of band they would cost an allocation
+# and a table entry each, for a copy that is cheap anyway.
+OOB_MIN_SIZE = 4096
+
 _UINT64_MAX = 2**64 - 1
 _C_LONG_MAX = 2**63 - 1 if sys.maxsize > 2**32 and sys.platform != "win32" else 2**31 - 1
 
@@ -55,6 +72,18 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # sendmsg (gather write) is missing on Windows: there the header and payload of a large frame go
 # out with two send() calls, still without copying the payload.
 _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+
+
+def _iov_max():
+    """The most buffers one sendmsg() may take (IOV_MAX; 1024, Linux's value, if unknown)."""
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        value = -1
+    return value if value > 0 else 1024
+
+
+_IOV_MAX = _iov_max()
 
 _POLLIN = getattr(select, "POLLIN", 1)
 _POLLOUT = getattr(select, "POLLOUT", 4)
@@ -163,10 +192,24 @@ def _new_payload(size):
     return payload
 
 
-def _remaining_views(parts, start):
-    """Views of `parts` (byte buffers) from byte `start` of their concatenation on."""
+def _part_view(part):
+    """A writable byte view of a part of a message being received: a bytearray, or the
+    io.BytesIO of _new_payload (whose bytes must not be copied). Release it before getvalue()."""
+    return part.getbuffer() if isinstance(part, io.BytesIO) else memoryview(part)
+
+
+def _part_size(part):
+    with _part_view(part) as view:
+        return len(view)
+
+
+def _remaining_views(parts, start, limit=None):
+    """Views of `parts` (byte buffers) from byte `start` of their concatenation on; at most
+    `limit` of them (None: all). Empty parts are left out."""
     views = []
     for part in parts:
+        if limit is not None and len(views) == limit:
+            break
         if start >= len(part):
             start -= len(part)
             continue
@@ -177,7 +220,53 @@ def _remaining_views(parts, start):
 
 def _release_all(views):
     for view in views:
-        view.release()
+        if isinstance(view, memoryview):
+            view.release()
+
+
+# ---- pickling at protocol 5 with out-of-band buffers ---------------------------------------------
+
+class _BufferCollector:
+    """buffer_callback for pickle protocol 5: keeps large buffers out of band."""
+
+    def __init__(self):
+        self.buffers = []
+
+    def __call__(self, pickle_buffer):
+        try:
+            raw = pickle_buffer.raw()  # a flat byte view of the buffer's memory, no copy
+        except BufferError:
+            # A non-contiguous buffer: one C-order copy, sent out of band as flat bytes.
+            # (CPython's pickler refuses a non-contiguous PickleBuffer before calling us.)
+            raw = memoryview(pickle_buffer).tobytes()
+        if len(raw) < OOB_MIN_SIZE:
+            return True  # small: in band
+        self.buffers.append(raw)
+        return False
+
+
+class _OutOfBandPickler(pickle.Pickler):
+    """multiprocessing's ForkingPickler (the same reducers: channels, sockets, ... pickle as they
+    do for multiprocessing) at protocol 5 with a buffer_callback, which ForkingPickler's
+    constructor does not pass on before Python 3.12."""
+
+    def __init__(self, file, buffer_callback):
+        super().__init__(file, 5, buffer_callback=buffer_callback)
+        self.dispatch_table = ForkingPickler._copyreg_dispatch_table.copy()
+        self.dispatch_table.update(ForkingPickler._extra_reducers)
+
+
+def _pickle(obj):
+    """Pickle `obj` at protocol 5; return (in-band pickle, list of out-of-band buffers), each a
+    flat byte buffer; the out-of-band ones are views of the objects' own memory."""
+    out = io.BytesIO()
+    collector = _BufferCollector()
+    try:
+        _OutOfBandPickler(out, collector).dump(obj)
+    except BaseException:
+        _release_all(collector.buffers)  # the objects' memory is theirs again at once
+        raise
+    return out.getbuffer(), collector.buffers
 
 
 if hasattr(select, "poll"):
@@ -213,12 +302,15 @@ class Channel:
         "_max_message_size",      # int; 2**64 - 1 when there is no limit
         "_max_message_size_obj",  # as given (int or None), for the property and messages
         "_serializer",       # dumps/loads for send()/recv(); None: pickle protocol 5
+        "_spin",             # the spin setting, kept for API parity (this twin never spins)
         # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed.
         "_rbuf", "_rview", "_rstart", "_rend",
         "_last_recv_was_empty",   # the previous fill found no data: wait before the next recv
-        # A large payload being read straight into its final object (see _new_payload). While it
-        # is incomplete (a timeout interrupted it) it stays here, so the next receive resumes it.
-        "_pending", "_pending_size", "_pending_filled",
+        # The message being received into its final objects (a large payload: [_new_payload];
+        # an object message: [pickle, buffer, ...] bytearrays), the index of the part being
+        # filled, the bytes of it already received, and the frame kind. While the message is
+        # incomplete (a timeout interrupted it) it stays here, so the next receive resumes it.
+        "_pending", "_pending_part", "_pending_filled", "_pending_kind",
         "_send_rest",        # the unsent tail of a frame whose send was interrupted, or None
         "_send_lock", "_recv_lock",  # one sender / one receiver at a time: frames never interleave
         # close() from another thread while one waits in poll(): see close() and _unblocked().
@@ -227,7 +319,7 @@ class Channel:
     )
 
     def __init__(self, fd, readable=True, writable=True, *,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None):
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None, spin=None):
         # The state of a channel that owns nothing, first: __del__ and close() rely on it if a
         # check below fails (the compiled class does this in __cinit__).
         self._sock = None
@@ -244,6 +336,7 @@ class Channel:
             raise TypeError("serializer must have dumps(obj) -> bytes-like and loads(data) -> "
                             f"obj, got {serializer!r}")
         self._serializer = serializer
+        self.spin = spin
         if max_message_size is None:
             limit = _UINT64_MAX
         else:
@@ -264,7 +357,8 @@ class Channel:
         self._rstart = self._rend = 0
         self._last_recv_was_empty = True
         self._pending = None
-        self._pending_size = self._pending_filled = 0
+        self._pending_part = self._pending_filled = 0
+        self._pending_kind = 0
         self._send_rest = None
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -305,14 +399,28 @@ class Channel:
 
     @classmethod
     def connect(cls, address, *, authkey=None, timeout=None,
-                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None, serializer=None):
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None, serializer=None,
+                spin=None):
         """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
 
         `timeout` (seconds) bounds the connection and the handshake.
         """
         from .connection import connect
         return connect(address, family=family, authkey=authkey, timeout=timeout,
-                       max_message_size=max_message_size, serializer=serializer)
+                       max_message_size=max_message_size, serializer=serializer, spin=spin)
+
+    @property
+    def spin(self):
+        """Busy-polling budget in microseconds before a wait sleeps, or None to follow the
+        process-wide default. Kept for the same API as the compiled channel: this pure-Python
+        implementation never spins (a Python loop would hold the GIL while it polls)."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, microseconds):
+        if microseconds is not None and not microseconds >= 0:  # also refuses NaN
+            raise ValueError("spin must be a number of microseconds >= 0, or None")
+        self._spin = None if microseconds is None else float(min(microseconds, 1e9))
 
     @property
     def serializer(self):
@@ -451,8 +559,9 @@ class Channel:
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
         elif self._rstart > 0 and RECV_BUFFER_SIZE - self._rend < RECV_BUFFER_SIZE // 4:
-            # Any frame kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE, well under
-            # 3/4 of it, so after this move there is always room to receive into.
+            # Any frame kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE (so is the
+            # header and size table of an object message), well under 3/4 of it, so after this
+            # move there is always room to receive into.
             kept = self._rend - self._rstart
             self._rview[:kept] = self._rview[self._rstart:self._rend]
             self._rstart, self._rend = 0, kept
@@ -475,7 +584,7 @@ class Channel:
             if error is not None:
                 if self._sock is None:
                     raise OSError(_CLOSED_WHILE_WAITING)
-                if self._rend > self._rstart:
+                if self._rend > self._rstart or self._pending is not None:
                     raise self._protocol_error(
                         "connection lost in the middle of a message "
                         f"({error.strerror or error})") from error
@@ -486,7 +595,7 @@ class Channel:
                 # a request/response peer leaves nothing to read, so wait first there.
                 self._last_recv_was_empty = waited and n < RECV_PLENTY
                 return
-            if self._rend > self._rstart:
+            if self._rend > self._rstart or self._pending is not None:
                 raise self._protocol_error(
                     "the peer closed the connection in the middle of a message")
             raise EOFError("the peer closed the connection")
@@ -531,10 +640,15 @@ class Channel:
         """Check the frame header at the start of the buffered bytes (there must be at least
         HEADER_SIZE): None if it is valid, else what is wrong with it. No side effects."""
         kind, flags, reserved, count, length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)
-        if kind not in (KIND_BYTES, KIND_PICKLE) or flags or reserved or count:
+        # `count` is the number of out-of-band buffers: not 0 exactly for an object message.
+        if (kind not in (KIND_BYTES, KIND_PICKLE, KIND_OBJECT) or flags or reserved
+                or (count != 0) != (kind == KIND_OBJECT)):
             header = bytes(self._rview[self._rstart:self._rstart + HEADER_SIZE])
             return ("malformed frame header " + header.hex()
                     + " (is the peer a loopfast channel of the same protocol version?)")
+        if kind == KIND_OBJECT and (count > MAX_OOB_BUFFERS or length < 8 * (count + 1)):
+            return (f"malformed object frame: {count} out-of-band buffers "
+                    f"(at most {MAX_OOB_BUFFERS}) in {length} bytes")
         if length > self._max_message_size:
             return (f"the peer announced a {length}-byte message, over this channel's "
                     f"max_message_size of {self._max_message_size_obj} bytes")
@@ -543,59 +657,112 @@ class Channel:
         return None
 
     def _read_header(self):
-        """Return the payload length of the (whole, buffered) frame header at _rstart. A bad
+        """Return (kind, count, length) of the (whole, buffered) frame header at _rstart. A bad
         header closes the channel and raises ProtocolError, before anything is allocated for the
-        payload. Consumes nothing. (The kind is checked but not returned: receivers treat both
-        kinds alike, docs/protocol.md.)"""
+        payload. Consumes nothing."""
         error = self._header_error()
         if error is not None:
             raise self._protocol_error(error)
-        return FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4]
+        kind, _, _, count, length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)
+        return kind, count, length
 
-    def _start_pending(self, size, first_part):
-        """Make a large payload of `size` bytes pending, with `first_part` already received."""
-        payload = _new_payload(size)
-        filled = len(first_part)
-        with payload.getbuffer() as view:
-            view[:filled] = first_part
-        self._pending = payload
-        self._pending_size = size
-        self._pending_filled = filled
+    def _start_pending(self, parts, kind):
+        """Make `parts` (buffers allocated at their final sizes) the message being received."""
+        self._pending = parts
+        self._pending_part = 0
+        self._pending_filled = 0
+        self._pending_kind = kind
 
     def _finish_pending(self, deadline):
-        """Receive the rest of the pending payload and return it as bytes."""
-        payload = self._pending
-        size = self._pending_size
-        with payload.getbuffer() as view:
-            while self._pending_filled < size:
-                self._pending_filled += self._recv_some(
-                    view, self._pending_filled, size - self._pending_filled, deadline)
+        """Fill the parts of the message being received (self._pending) and return them: a
+        large payload of kind 1 or 2 as [its bytes], an object message as [pickle, buffer, ...].
+        Small parts are copied out of the receive buffer, large ones read straight from the
+        socket into their final memory. An exception (timeout, Ctrl-C) leaves the progress
+        recorded, so the next receive resumes the message."""
+        parts = self._pending
+        while self._pending_part < len(parts):
+            with _part_view(parts[self._pending_part]) as view:
+                size = len(view)
+                while self._pending_filled < size:
+                    filled = self._pending_filled
+                    wanted = size - filled
+                    avail = self._rend - self._rstart
+                    if avail > 0:
+                        n = min(wanted, avail)
+                        view[filled:filled + n] = self._rview[self._rstart:self._rstart + n]
+                        self._rstart += n
+                    elif wanted < DIRECT_READ_THRESHOLD:
+                        self._fill(deadline)  # one recv for this and the following small parts
+                        continue
+                    else:
+                        n = self._recv_some(view, filled, wanted, deadline)
+                    self._pending_filled = filled + n
+            self._pending_part += 1
+            self._pending_filled = 0
         self._pending = None
-        return payload.getvalue()  # the filled buffer itself: no copy (see _new_payload)
+        # The payload of _new_payload becomes bytes without a copy (its view is released).
+        return [part.getvalue() if isinstance(part, io.BytesIO) else part for part in parts]
+
+    def _object_parts(self, length, count):
+        """Check an object frame's size table (buffered, right after the header) and allocate
+        its parts: the in-band pickle and each out-of-band buffer, as writable bytearrays of
+        their final sizes. Consumes header and table. Nothing is allocated for a bad table."""
+        sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, self._rstart + HEADER_SIZE)
+        # Python integers do not wrap around: sizes whose u64 sum would overflow do not add up.
+        if 8 * (count + 1) + sum(sizes) != length:
+            raise self._protocol_error(
+                f"malformed object frame: the sizes of its {count + 1} parts do not add up to "
+                f"its length of {length} bytes")
+        self._rstart += HEADER_SIZE + 8 * (count + 1)
+        return [bytearray(size) for size in sizes]
 
     def _recv_frame(self, deadline, maxlength):
-        """Receive one whole message and return its payload as bytes (a large one allocated
-        once, at its final size). maxlength None: no limit."""
+        """Receive one whole message; return (kind, payload): for kinds 1 and 2 the payload as
+        bytes (a large one allocated once, at its final size), for an object message the list
+        [pickle, buffer, ...]. maxlength None: no limit."""
         if self._pending is not None:
-            if maxlength is not None and self._pending_size > maxlength:
+            kind = self._pending_kind
+            if kind == KIND_OBJECT:
+                return kind, self._finish_pending(deadline)
+            if maxlength is not None and _part_size(self._pending[0]) > maxlength:
                 self._bad_message_length()
-            return self._finish_pending(deadline)
+            return kind, self._finish_pending(deadline)[0]
         while True:
             avail = self._rend - self._rstart
             if avail >= HEADER_SIZE:
-                length = self._read_header()
-                if maxlength is not None and length > maxlength:
-                    self._bad_message_length()
-                start = self._rstart + HEADER_SIZE
-                if length <= avail - HEADER_SIZE:
-                    out = bytes(self._rview[start:start + length])
-                    self._rstart = start + length
-                    return out
-                if length > DIRECT_READ_THRESHOLD:
-                    self._start_pending(length, self._rview[start:self._rend])
-                    self._rstart = self._rend = 0
-                    return self._finish_pending(deadline)
+                kind, count, length = self._read_header()
+                if kind == KIND_OBJECT:
+                    if avail >= HEADER_SIZE + 8 * (count + 1):  # the size table is in too
+                        self._start_pending(self._object_parts(length, count), kind)
+                        return kind, self._finish_pending(deadline)
+                else:
+                    if maxlength is not None and length > maxlength:
+                        self._bad_message_length()
+                    start = self._rstart + HEADER_SIZE
+                    if length <= avail - HEADER_SIZE:
+                        out = bytes(self._rview[start:start + length])
+                        self._rstart = start + length
+                        return kind, out
+                    if length > DIRECT_READ_THRESHOLD:
+                        self._rstart = start
+                        self._start_pending([_new_payload(length)], kind)
+                        return kind, self._finish_pending(deadline)[0]
             self._fill(deadline)
+
+    def _next_is_object(self, deadline):
+        """Wait for the next message's header; True if it is an object message (which only
+        recv() can take: its out-of-band buffers have no place in a bytes result)."""
+        if self._pending is not None:
+            return self._pending_kind == KIND_OBJECT
+        while self._rend - self._rstart < HEADER_SIZE:
+            self._fill(deadline)
+        return self._read_header()[0] == KIND_OBJECT
+
+    @staticmethod
+    def _refuse_object():
+        # Not consumed: the message stays next in line, for recv().
+        raise OSError("the next message was sent with send() and carries out-of-band buffers: "
+                      "receive it with recv()")
 
     def _bad_message_length(self):
         # As multiprocessing does: the stream is left mid-message, so reading is over.
@@ -612,6 +779,7 @@ class Channel:
         (TimeoutError; the stream stays intact). Raises EOFError if the peer closed the
         connection between messages, ProtocolError if it vanished in the middle of one, and
         OSError (and the channel stops reading) if the message is longer than `maxlength`.
+        An object message with out-of-band buffers raises OSError and is left for recv().
         """
         self._check_readable()  # first, as multiprocessing does
         if maxlength is not None:
@@ -620,14 +788,20 @@ class Channel:
             maxlength = _ssize(maxlength)
         deadline = _deadline(timeout)
         with self._recv_lock:  # a lock wait is interruptible by Ctrl-C, as in the compiled one
-            return self._recv_frame(deadline, maxlength)
+            if self._next_is_object(deadline):
+                self._refuse_object()
+            return self._recv_frame(deadline, maxlength)[1]
 
     def recv(self, *, timeout=None):
         """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
         self._check_readable()
         deadline = _deadline(timeout)
         with self._recv_lock:
-            payload = self._recv_frame(deadline, None)
+            kind, payload = self._recv_frame(deadline, None)
+        if kind == KIND_OBJECT:
+            # The out-of-band buffers are writable bytearrays: a numpy array unpickled on one
+            # of them is writable (unless the sender's was read-only: pickle keeps that flag).
+            return _loads(payload[0], buffers=payload[1:])
         if self._serializer is not None:
             return self._serializer.loads(payload)
         return _loads(payload)
@@ -637,6 +811,7 @@ class Channel:
         return its size in bytes. A large payload is read from the socket straight into `buf`.
 
         If the message does not fit, raises BufferTooShort with the whole message as args[0].
+        An object message with out-of-band buffers raises OSError and is left for recv().
         """
         offset = _ssize(offset)
         self._check_readable()
@@ -653,9 +828,11 @@ class Channel:
             dst.release()
 
     def _recv_into(self, dst, offset, deadline):
+        if self._next_is_object(deadline):
+            self._refuse_object()
         space = len(dst) - offset
         if self._pending is not None:
-            payload = self._recv_frame(deadline, None)
+            payload = self._recv_frame(deadline, None)[1]
             if len(payload) > space:
                 raise BufferTooShort(payload)
             dst[offset:offset + len(payload)] = payload
@@ -663,9 +840,9 @@ class Channel:
         while True:
             avail = self._rend - self._rstart
             if avail >= HEADER_SIZE:
-                length = self._read_header()
+                kind, _, length = self._read_header()
                 if length > space:
-                    raise BufferTooShort(self._recv_frame(deadline, None))
+                    raise BufferTooShort(self._recv_frame(deadline, None)[1])
                 start = self._rstart + HEADER_SIZE
                 if length <= avail - HEADER_SIZE:
                     dst[offset:offset + length] = self._rview[start:start + length]
@@ -685,7 +862,11 @@ class Channel:
             if self._sock is not None:
                 # Interrupted (timeout, Ctrl-C): keep what arrived so that the next receive
                 # resumes this message. Only this rare path copies.
-                self._start_pending(length, dst[offset:offset + filled])
+                payload = _new_payload(length)
+                with payload.getbuffer() as view:
+                    view[:filled] = dst[offset:offset + filled]
+                self._start_pending([payload], kind)
+                self._pending_filled = filled
             raise
         return length
 
@@ -711,13 +892,13 @@ class Channel:
     # ---- sending ---------------------------------------------------------------------------------------
 
     def _send_some(self, sock, parts, sent):
-        """One send() (or sendmsg() gather write) of `parts` from byte `sent` on; returns the
-        number of bytes the kernel took."""
+        """One send() (or sendmsg() gather write of at most IOV_MAX buffers) of `parts` from
+        byte `sent` on; returns the number of bytes the kernel took (perhaps fewer)."""
         if len(parts) == 1 and sent == 0:
             return sock.send(parts[0], _SEND_FLAGS)
-        views = _remaining_views(parts, sent)
+        views = _remaining_views(parts, sent, _IOV_MAX if _HAVE_SENDMSG else 1)
         try:
-            if len(views) > 1 and _HAVE_SENDMSG:
+            if len(views) > 1:
                 return sock.sendmsg(views, (), _SEND_FLAGS)
             return sock.send(views[0], _SEND_FLAGS)  # one part (or, without sendmsg, the next)
         finally:
@@ -824,14 +1005,49 @@ class Channel:
         self._send_buffer(KIND_BYTES, buf, offset, size, _deadline(timeout))
 
     def send(self, obj, *, timeout=None):
-        """Send a picklable object as one message (pickled with multiprocessing's ForkingPickler,
-        so everything multiprocessing can send, this can send)."""
+        """Send a picklable object as one message.
+
+        It is pickled with multiprocessing's ForkingPickler (so everything multiprocessing can
+        send, this can send) at protocol 5: large buffers that support it (numpy arrays,
+        pickle.PickleBuffer) travel out of band, written from their own memory in the same
+        gather write as the pickle, and are received straight into their final memory.
+        An object that cannot be pickled raises here and nothing is sent. With a `serializer`,
+        the message is its dumps(obj), in band.
+        """
         self._check_writable()
+        deadline = _deadline(timeout)
         if self._serializer is not None:
-            data = self._serializer.dumps(obj)
-        else:
-            data = _dumps(obj, 5)  # protocol 5, as the compiled channel
-        self._send_buffer(KIND_PICKLE, data, 0, None, _deadline(timeout))
+            self._send_buffer(KIND_PICKLE, self._serializer.dumps(obj), 0, None, deadline)
+            return
+        data, buffers = _pickle(obj)  # raises before anything is sent
+        try:
+            if not buffers:
+                self._send_buffer(KIND_PICKLE, data, 0, None, deadline)
+            elif len(buffers) > MAX_OOB_BUFFERS:
+                # More buffers than one object message may carry: pickled again, all in band,
+                # at protocol 5 still (a PickleBuffer cannot be pickled at a lower one).
+                self._send_buffer(KIND_PICKLE, _dumps(obj, 5), 0, None, deadline)
+            else:
+                self._send_object(data, buffers, deadline)
+        finally:
+            # Let go of the objects' memory now, not when a traceback that holds this frame dies
+            # (a bytearray cannot be resized while a view of it exists).
+            _release_all(buffers)
+            data.release()
+
+    def _send_object(self, data, buffers, deadline):
+        """One object message (docs/protocol.md, "Objects"): one gather write of [header and
+        size table, in-band pickle, buffer 1, ..., buffer n], each buffer from its own memory
+        (never copied, unless a timeout leaves part of it unsent: see _send_all)."""
+        count = len(buffers)
+        sizes = [len(data)] + [len(buffer) for buffer in buffers]
+        length = 8 * (count + 1) + sum(sizes)
+        head = (FRAME_HEADER.pack(KIND_OBJECT, 0, 0, count, length)
+                + struct.pack(f"<{count + 1}Q", *sizes))
+        with self._send_lock:
+            if self._send_rest is not None:
+                self._flush_rest(deadline)
+            self._send_all([head, data, *buffers], deadline)
 
     # ---- raw bytes for the handshake (_handshake.py), before any frame -------------------------------
 
