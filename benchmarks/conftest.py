@@ -4,18 +4,28 @@ The peer processes are those of ``python -m loopfast bench`` (loopfast/_bench.py
 per test (fork on Linux), running fixed-count loops on command, under a watchdog.
 """
 
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
 import pytest
 
 from loopfast import _bench
 
+StartPeer = Callable[[_bench.Case, str], _bench.PeerProcess]
+
 
 @pytest.fixture
-def peer_process():
-    """``peer_process(peer_name, size)``: a started `_bench.PeerProcess`, closed after the test."""
+def peer_process() -> Iterator[StartPeer]:
+    """``peer_process(case, peer_name)``: a started `_bench.PeerProcess` serving `case`'s
+    payload, closed after the test. Skips the test if the case cannot run here (numpy missing)."""
     started = []
 
-    def start(peer, size):
-        pp = _bench.PeerProcess(peer, size)
+    def start(case: _bench.Case, peer: str) -> _bench.PeerProcess:
+        reason = case.unavailable()
+        if reason:
+            pytest.skip(reason)
+        pp = _bench.PeerProcess(peer, case.size, payload=case.payload)
         pp.__enter__()
         started.append(pp)
         return pp

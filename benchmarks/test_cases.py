@@ -5,6 +5,12 @@ multiprocessing.Pipe (and the other peers) in one table per case.
 Each test times its peer alone (pytest-benchmark runs tests one after another), so on a noisy
 machine compare peers with ``python -m loopfast bench`` (interleaved rounds, medians) or
 benchmarks/check_targets.py, not from these tables.
+
+The object cases (issue 4): ``numpy_object`` moves one 256 MiB float64 array per message with
+send/recv (loopfast and multiprocessing.Pipe) beside loopfast send_bytes/recv_bytes of the same
+bytes (``loopfast_bytes``); skipped when numpy is missing. ``small_object_rt`` round-trips a dict
+of 10 short fields with send/recv. Peak memory is not a pytest-benchmark figure: see
+benchmarks/check_targets.py.
 """
 
 import itertools
@@ -17,9 +23,10 @@ CASES = [case for case in _bench.CASES.values() if case.default]
 
 # Round trips: pedantic rounds of ITERATIONS round trips each (the table shows one round trip).
 RT_ROUNDS, RT_ITERATIONS, RT_WARMUP_ROUNDS = 40, 100, 2
-# Streams: how many messages one timed call receives, and how many calls.
-STREAM_BATCH = {64: 10_000, _bench.MiB: 100, 16 * _bench.MiB: 8}
-STREAM_ROUNDS = 10
+# Streams: how many messages one timed call receives, and how many calls, by case.
+# multiprocessing.Pipe moves a 256 MiB array in about a second: few of those.
+STREAM_BATCH = {"stream64": (10_000, 10), "stream1m": (100, 10), "stream16m": (8, 10),
+                "numpy_object": (1, 5)}
 
 
 def _params(kind):
@@ -30,20 +37,20 @@ def _params(kind):
 @pytest.mark.parametrize("case, peer", _params("roundtrip"))
 def test_round_trip(benchmark, peer_process, case, peer):
     benchmark.group = f"{case.title} (time per round trip)"
-    pp = peer_process(peer, case.size)
-    send, recv = pp.endpoint.send, _bench.receiver(pp.endpoint, case)
-    payload = _bench.make_payload(case.size)
+    pp = peer_process(case, peer)
+    send = _bench.send_call(pp.endpoint, case, _bench.PAYLOADS[case.payload].make(case.size))
+    recv = _bench.receiver(pp.endpoint, case)
     # The peer process echoes a fixed count. pytest-benchmark calls the function a few times
     # more than rounds x iterations (once for the result, a round more with --benchmark-cprofile,
     # once only with --benchmark-disable): ask for enough, count the calls, echo the rest after.
     echoes = (RT_ROUNDS + RT_WARMUP_ROUNDS + 2) * RT_ITERATIONS + 1
-    pp.request("echo" if case.receive == "recv" else "echo_into", echoes)
+    pp.request(_bench.echo_op(case), echoes)
     calls = itertools.count(1)
     done = 0
 
     def round_trip():
         nonlocal done
-        send(payload)
+        send()
         reply = recv()
         done = next(calls)
         return reply
@@ -58,20 +65,21 @@ def test_round_trip(benchmark, peer_process, case, peer):
 
 @pytest.mark.parametrize("case, peer", _params("stream"))
 def test_stream(benchmark, peer_process, case, peer):
-    batch = STREAM_BATCH[case.size]
-    benchmark.group = f"{case.title} (time per {batch:,} messages)"
+    batch, rounds = STREAM_BATCH[case.name]
+    benchmark.group = f"{case.title} (time per {batch:,} message{'s' if batch > 1 else ''})"
     benchmark.extra_info.update(messages_per_call=batch, message_size=case.size)
-    pp = peer_process(peer, case.size)
+    pp = peer_process(case, peer)
     recv = _bench.receiver(pp.endpoint, case)
+    op = _bench.send_op(case)
 
     def receive_batch():
-        pp.request("send", batch)
+        pp.request(op, batch)
         last = None
         for _ in range(batch):
             last = recv()
         return last
 
-    last = benchmark.pedantic(receive_batch, rounds=STREAM_ROUNDS, warmup_rounds=1)
+    last = benchmark.pedantic(receive_batch, rounds=rounds, warmup_rounds=1)
     assert _bench.received_size(last) == case.size
     if benchmark.stats is not None:  # None under --benchmark-disable
         seconds = benchmark.stats.stats.median

@@ -5,20 +5,25 @@
 The measuring is in _bench.py; this file parses arguments and prints the report as tables.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
+import textwrap
+from typing import Callable, Iterable, Optional, Sequence
 
 from . import _bench
-from ._bench import MiB, format_size, format_value
+from ._bench import MiB, Report, format_size, format_value
 
 
-def _run_bench(args):
+def _run_bench(args: argparse.Namespace) -> int:
     if args.list:
         print("cases (* = in the default run):")
         for case in _bench.CASES.values():
+            reason = case.unavailable()
             print(f"  {'*' if case.default else ' '} {case.name:<16} {case.title}: "
-                  f"{', '.join(case.peers)}")
+                  f"{', '.join(case.peers)}" + (f" (unavailable: {reason})" if reason else ""))
         print("peers:")
         for peer in _bench.PEERS.values():
             print(f"    {peer.name:<16} {peer.label}")
@@ -46,7 +51,7 @@ def _run_bench(args):
 # ---- the report as text ------------------------------------------------------------------------
 
 _SHORT_REFERENCE = {"mp_pipe": "vs mp.Pipe", "mp_pipe_simplex": "vs mp simplex",
-                    "socket": "vs socket"}
+                    "socket": "vs socket", "loopfast_bytes": "vs send_bytes"}
 
 _TABLE_NOTES = """\
 Ratios: this row's median ÷ the reference's median, from this run. For µs lower is better
@@ -54,8 +59,13 @@ Ratios: this row's median ÷ the reference's median, from this run. For µs lowe
 round trips of a measurement. 1 and 16 MiB streams: recv_bytes_into one preallocated buffer (the
 socket loop: recv_into). Socket loop: 8-byte length header, sendall, recv_into, TCP_NODELAY."""
 
+_OBJECT_NOTES = """\
+Objects (send/recv): loopfast pickles at protocol 5 with a numpy array's memory out of band
+(written from the array, received into a new bytearray); multiprocessing pickles it in band.
+"vs send_bytes": the same bytes through loopfast send_bytes(array.data) / recv_bytes(), this run."""
 
-def format_report(report):
+
+def format_report(report: Report) -> str:
     """The report as the text tables `python -m loopfast bench` prints."""
     env = report["environment"]
     pin = report["settings"].get("pin", "none")
@@ -65,9 +75,14 @@ def format_report(report):
     if usable not in (None, env["cpu_count"]):
         cpus += f" ({usable} usable)"
     load = env.get("load_average")
+    implementation = env.get("implementation", "unknown")
+    spin = env.get("spin_us")
+    spin_text = ""
+    if implementation == "compiled" and spin is not None:  # the twin never busy-polls
+        spin_text = f", busy-poll {spin:g} µs" if spin else ", no busy-poll"
     lines = [
-        (f"loopfast {env['loopfast_version']} ({env['loopfast_core']}) on {env['python']}, "
-         f"{env['platform']}"),
+        (f"loopfast {env['loopfast_version']}, {implementation} implementation "
+         f"({env['loopfast_core']}){spin_text}, on {env['python']}, {env['platform']}"),
         f"machine: {cpus}, {env.get('cpu_model') or env['machine']}"
         + (f", load average {load[0]:.2f} at start" if load else "")
         + f"; peer processes by {env['start_method']}",
@@ -77,7 +92,7 @@ def format_report(report):
         "",
     ]
     refs = sorted({ref for case in report["cases"] for ref in case["references"]},
-                  key=lambda ref: (list(_SHORT_REFERENCE) + [ref]).index(ref))
+                  key=lambda ref: [*_SHORT_REFERENCE, ref].index(ref))
     header = (["case", "peer", "median", "unit", "min–max"]
               + [_SHORT_REFERENCE.get(ref, f"vs {ref}") for ref in refs])
     rows = []
@@ -95,27 +110,46 @@ def format_report(report):
             first = False
     lines += _table(header, rows, right=set(range(2, len(header))) - {3})
     lines += ["", _TABLE_NOTES]
+    if any(case.get("receive") == "object" for case in report["cases"]):
+        lines.append(_OBJECT_NOTES)
+        for case in report["cases"]:
+            if case.get("receive") == "object" and case["note"]:
+                lines += textwrap.wrap(f"{case['title']}: {case['note']}.", width=100)
     for name, reason in report.get("skipped_peers", {}).items():
         lines.append(f"skipped peer {name}: {reason}")
+    for name, reason in report.get("skipped_cases", {}).items():
+        lines.append(f"skipped case {name}: {reason}")
     mem = report.get("memory")
     if mem:
         lines.append("")
-        if mem["skipped"]:
-            lines.append(f"memory: skipped ({mem['skipped']})")
-        else:
-            lines.append(f"Memory: one {format_size(mem['size'])} message between two processes; "
-                         f"rise of each one's peak RSS (VmHWM) during the call, worst sample")
-            header = ["peer", "side", "call", "extra memory", "× payload", "samples"]
-            rows = [[row["label"], row["side"], row["api"], f"{row['worst'] / MiB:.2f} MiB",
-                     f"{row['worst_ratio']:.3f}×", len(row["samples"])] for row in mem["rows"]]
-            lines += _table(header, rows, right={3, 4, 5})
+        lines += _memory_lines(mem)
     return "\n".join(lines)
 
 
-def _table(header, rows, right=()):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+def _memory_lines(mem: _bench.MemorySection) -> list[str]:
+    if mem["skipped"]:
+        return [f"memory: skipped ({mem['skipped']})"]
+    method = mem.get("method", "rise of the peak RSS (VmHWM) during the call")
+    lines = textwrap.wrap(f"Memory: one {format_size(mem['size'])} message between two "
+                          f"processes, worst of {mem['repeats']}; extra memory = {method}.",
+                          width=100)
+    header = ["peer", "side", "call", "message", "extra memory", "× payload", "samples"]
+    rows = [[row["label"], row["side"], row["api"], row.get("message", "bytes"),
+             f"{row['worst'] / MiB:.2f} MiB", f"{row['worst_ratio']:.3f}×",
+             str(len(row["samples"]))] for row in mem["rows"]]
+    lines += _table(header, rows, right={4, 5, 6})
+    if mem.get("objects_skipped"):
+        lines.append(f"skipped the object rows (send/recv of a float64 array): "
+                     f"{mem['objects_skipped']}")
+    return lines
 
-    def line(cells):
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
+           right: Iterable[int] = ()) -> list[str]:
+    right = set(right)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
         return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
@@ -124,14 +158,14 @@ def _table(header, rows, right=()):
 
 # ---- arguments -----------------------------------------------------------------------------------
 
-def _positive_int(text):
+def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopfast",
         description="loopfast: fast, authenticated message channels between processes over "
@@ -165,10 +199,11 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m loopfast`` and of the ``loopfast`` console script."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Vocabulary:
 
 - a *peer* is one way of moving messages between two processes: ``loopfast.Pipe()``,
   ``multiprocessing.Pipe()``, ``multiprocessing.Pipe(duplex=False)``, a plain Python socket loop.
-  Each gives an `Endpoint` (send / recv / recv_into) on both ends of a connection;
+  Each gives an `Endpoint` (send / recv / recv_into for bytes, send_obj / recv_obj for objects)
+  on both ends of a connection;
+- a *payload* is what a case moves (`PAYLOADS`): bytes, a numpy array, a small dict. A payload
+  may be unavailable here (numpy is optional), and then its cases are skipped with a note;
 - a *case* is one workload (64 B round trip, 1 MiB stream, ...) of a *kind* (``roundtrip``,
   ``stream``) that says how it is driven and what is timed;
 - a *peer process* (`PeerProcess`) serves the far end of one connection: it is started once per
@@ -23,8 +26,9 @@ longer than its limit, and this process kills a peer process that outlives its l
 any receive of ours with EOF (we never keep a copy of the peer's end of the connection).
 
 To add a peer: `register_peer(Peer(...))`. To add a case of an existing kind:
-`register_case(Case(...))`. To add a kind: a measuring function in `KINDS`, plus any loop the peer
-process needs in `SERVICE_OPS`.
+`register_case(Case(...))` (with `register_payload(Payload(...))` for a new kind of message). To
+add a kind: a measuring function in `KINDS`, plus any loop the peer process needs in
+`SERVICE_OPS`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import functools
 import gc
 import multiprocessing
 import os
+import pickle
 import platform
 import socket
 import statistics
@@ -43,18 +48,61 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, NamedTuple
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Iterator,
+    Literal,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    TypedDict,
+    TypeVar,
+    Union,
+)
+
+if TYPE_CHECKING:
+    # Connection, or PipeConnection on Windows
+    from multiprocessing.connection import _ConnectionBase
+    from multiprocessing.context import SpawnContext
+    from types import TracebackType
+
+    from typing_extensions import Buffer, TypeAlias
+
+    from ._implementation import Channel
+
+    class SizedBuffer(Buffer, Protocol):
+        """A bytes-like payload: bytes, bytearray, memoryview (a numpy array's ``.data``)."""
+
+        def __len__(self) -> int: ...
+
+    if sys.platform == "win32":
+        _Context: TypeAlias = SpawnContext
+    else:
+        from multiprocessing.context import ForkContext
+        _Context: TypeAlias = Union[ForkContext, SpawnContext]
+    # One end of a connection, as a peer's make_pair() returns it.
+    End: TypeAlias = Union[Channel, "_ConnectionBase[object, object]", socket.socket]
+    # The control pipe between this process and a peer process: (tag, value) both ways.
+    Ctrl: TypeAlias = "_ConnectionBase[tuple[str, object], tuple[str, object]]"
+    # One measurement: "value" (the figure) and whatever else the kind records (counts, times).
+    Measurement: TypeAlias = dict[str, float]
 
 __all__ = [
     "CASES",
     "KINDS",
+    "PAYLOADS",
     "PEERS",
     "SERVICE_OPS",
     "BenchError",
     "Case",
     "Endpoint",
+    "Payload",
     "Peer",
     "PeerProcess",
+    "Report",
+    "echo_op",
     "environment",
     "format_size",
     "format_value",
@@ -65,8 +113,11 @@ __all__ = [
     "received_size",
     "receiver",
     "register_case",
+    "register_payload",
     "register_peer",
     "run",
+    "send_call",
+    "send_op",
 ]
 
 SCHEMA = "loopfast-bench/1"
@@ -82,19 +133,118 @@ WATCHDOG_EXIT = 86
 KiB = 1024
 MiB = 1024 * KiB
 
+_T = TypeVar("_T")
+
 
 class BenchError(RuntimeError):
     """A measurement could not be completed (a peer process failed, hung or exited early)."""
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+# ==== the report (JSON-ready) =====================================================================
+
+class PeerResult(TypedDict):
+    label: str
+    samples: list[float]
+    median: float
+    min: float
+    max: float
+    runs: list[Measurement]  # each measurement, with its "round" and "position" in the round
+
+
+class Ratio(TypedDict):
+    of_medians: float  # median(row) / median(reference)
+    median_of_paired: float  # median over the rounds of row / reference from the same round
+    paired: list[float]
+
+
+class CaseReport(TypedDict):
+    name: str
+    title: str
+    kind: str
+    payload: str
+    size: int
+    unit: str
+    unit_description: str
+    lower_is_better: bool
+    receive: str
+    note: str
+    count: int
+    warmup: int
+    references: list[str]
+    results: dict[str, PeerResult]
+    ratios: dict[str, dict[str, Ratio]]
+
+
+class MemoryRow(TypedDict):
+    peer: str
+    label: str
+    side: str  # "send" or "receive"
+    api: str  # the call measured: send_bytes, recv_bytes, recv_bytes_into, send, recv
+    message: str  # what moved: "bytes" or "float64 array"
+    samples: list[int]
+    worst: int
+    worst_ratio: float
+
+
+class MemorySection(TypedDict):
+    size: int
+    repeats: int
+    method: str
+    skipped: Optional[str]
+    objects_skipped: Optional[str]
+    rows: list[MemoryRow]
+
+
+class Environment(TypedDict):
+    loopfast_version: str
+    implementation: str  # loopfast.implementation: "compiled" or "python"
+    loopfast_core: str
+    spin_us: float  # the process-wide busy-polling budget (the pure-Python twin never spins)
+    python: str
+    platform: str
+    machine: str
+    cpu_count: Optional[int]
+    usable_cpus: Optional[int]
+    cpu_model: Optional[str]
+    load_average: Optional[list[float]]
+    start_method: str
+
+
+class Settings(TypedDict):
+    quick: bool
+    rounds: int
+    cases: list[str]
+    memory: bool
+    pin: str
+
+
+class Report(TypedDict):
+    schema: str
+    started: str
+    environment: Environment
+    settings: Settings
+    peers: dict[str, str]
+    skipped_peers: dict[str, str]
+    skipped_cases: dict[str, str]
+    cases: list[CaseReport]
+    memory: Optional[MemorySection]
+    duration_s: float
+
+
 # ==== peers =======================================================================================
 
 class Endpoint(NamedTuple):
-    """The three operations a case needs on one end of a connection."""
+    """The operations the cases need on one end of a connection."""
 
-    send: Callable       # send(buffer): send one message
-    recv: Callable       # recv() -> one message: new bytes, or a view of a reused buffer
-    recv_into: Callable  # recv_into(buffer) -> the size of the message written at its start
+    send: Callable[[SizedBuffer], None]  # send one message of bytes
+    recv: Callable[[], Union[bytes, memoryview]]  # new bytes, or a view of a reused buffer
+    recv_into: Callable[[Buffer], int]  # the size of the message written at the buffer's start
+    send_obj: Callable[[object], None]  # send one object
+    recv_obj: Callable[[], object]  # receive one object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,40 +260,66 @@ class Peer:
 
     name: str
     label: str
-    make_pair: Callable[[], tuple[object, object]]
-    endpoint: Callable[[object, int], Endpoint]
+    make_pair: Callable[[], tuple[End, End]]
+    endpoint: Callable[[End, int], Endpoint]
     duplex: bool = True
-    unavailable: Callable[[], str | None] = lambda: None
+    unavailable: Callable[[], Optional[str]] = lambda: None
 
 
 PEERS: dict[str, Peer] = {}
 
 
-def register_peer(peer):
+def register_peer(peer: Peer) -> Peer:
     """Add (or replace) a peer in the registry; returns it."""
     PEERS[peer.name] = peer
     return peer
 
 
-def _connection_endpoint(conn, max_size):
+def _as_buffer(obj: object) -> SizedBuffer:
+    """The bytes of a payload for send_bytes: bytes-like objects as they are, a numpy array as its
+    memory (``.data``, a memoryview: no copy)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return obj
+    data = getattr(obj, "data", None)
+    if isinstance(data, memoryview):
+        return data
+    raise BenchError(f"cannot send a {type(obj).__name__} with send_bytes")
+
+
+def _connection_endpoint(conn: End, max_size: int) -> Endpoint:
     """loopfast Channels and multiprocessing Connections share the API the cases use."""
-    return Endpoint(conn.send_bytes, conn.recv_bytes, conn.recv_bytes_into)
+    if isinstance(conn, socket.socket):
+        raise TypeError("a plain socket has no message API (see _socket_endpoint)")
+    return Endpoint(conn.send_bytes, conn.recv_bytes, conn.recv_bytes_into, conn.send, conn.recv)
 
 
-def _loopfast_pair():
+def _bytes_reference_endpoint(conn: End, max_size: int) -> Endpoint:
+    """A loopfast channel whose "objects" travel with send_bytes/recv_bytes: the bytes of the
+    object case's payload (a numpy array's memory), received as one new bytes object. The
+    reference the object cases are held to: the same bytes, without pickling."""
+    ep = _connection_endpoint(conn, max_size)
+    send = ep.send
+
+    def send_obj(obj: object) -> None:
+        send(_as_buffer(obj))
+
+    return ep._replace(send_obj=send_obj, recv_obj=ep.recv)
+
+
+def _loopfast_pair() -> tuple[End, End]:
     import loopfast
     return loopfast.Pipe()
 
 
-def _mp_pair():
+def _mp_pair() -> tuple[End, End]:
     return multiprocessing.Pipe()
 
 
-def _mp_simplex_pair():
+def _mp_simplex_pair() -> tuple[End, End]:
     return multiprocessing.Pipe(duplex=False)  # (read-only end, write-only end)
 
 
-def _tcp_socket_pair():
+def _tcp_socket_pair() -> tuple[End, End]:
     """Two connected TCP sockets over 127.0.0.1 with TCP_NODELAY, as a plain program would make."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
         listening.bind(("127.0.0.1", 0))
@@ -163,9 +339,11 @@ _LENGTH = struct.Struct("<Q")
 _SOCKET_JOIN_LIMIT = 16 * KiB
 
 
-def _socket_endpoint(sock, max_size):
+def _socket_endpoint(sock: End, max_size: int) -> Endpoint:
     """The plain Python socket loop the issue compares against: an 8-byte length header,
-    ``sendall`` to send, ``recv_into`` a preallocated buffer to receive."""
+    ``sendall`` to send, ``recv_into`` a preallocated buffer to receive. Bytes only."""
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"the socket loop needs a socket, not a {type(sock).__name__}")
     sendall = sock.sendall
     sock_recv_into = sock.recv_into
     pack = _LENGTH.pack
@@ -175,7 +353,7 @@ def _socket_endpoint(sock, max_size):
     own = bytearray(max(max_size, 1))
     own_view = memoryview(own)
 
-    def read_exact(view, n):
+    def read_exact(view: memoryview, n: int) -> None:
         got = 0
         while got < n:
             k = sock_recv_into(view[got:n], n - got)
@@ -183,7 +361,7 @@ def _socket_endpoint(sock, max_size):
                 raise EOFError("the peer closed the socket")
             got += k
 
-    def send(payload):
+    def send(payload: SizedBuffer) -> None:
         n = len(payload)
         if n <= _SOCKET_JOIN_LIMIT:
             sendall(pack(n) + payload)
@@ -191,19 +369,22 @@ def _socket_endpoint(sock, max_size):
             sendall(pack(n))
             sendall(payload)
 
-    def recv_into(target):
+    def recv_into(target: Buffer) -> int:
         read_exact(header_view, _LENGTH.size)
-        (n,) = unpack_from(header)
+        n: int = unpack_from(header)[0]
         view = memoryview(target).cast("B")
         if n > len(view):
             raise ValueError(f"a {n}-byte message does not fit in a {len(view)}-byte buffer")
         read_exact(view, n)
         return n
 
-    def recv():
+    def recv() -> memoryview:
         return own_view[:recv_into(own_view)]
 
-    return Endpoint(send, recv, recv_into)
+    def no_objects(*_: object) -> None:
+        raise BenchError("the plain socket loop moves bytes only: it has no send/recv of objects")
+
+    return Endpoint(send, recv, recv_into, no_objects, no_objects)
 
 
 register_peer(Peer("loopfast", "loopfast.Pipe()", _loopfast_pair, _connection_endpoint))
@@ -212,11 +393,87 @@ register_peer(Peer("mp_pipe_simplex", "multiprocessing.Pipe(duplex=False)", _mp_
                    _connection_endpoint, duplex=False))
 register_peer(Peer("socket", "plain socket loop (TCP 127.0.0.1)", _tcp_socket_pair,
                    _socket_endpoint))
+# Only for the object cases: the same bytes through send_bytes/recv_bytes, no pickling.
+register_peer(Peer("loopfast_bytes", "loopfast.Pipe() send_bytes/recv_bytes", _loopfast_pair,
+                   _bytes_reference_endpoint))
+
+
+# ==== payloads ====================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Payload:
+    """What a case moves. `make(size)` builds it with every page written (so that its memory is
+    really there); `unavailable()` says why it cannot be built here (a missing module), or None.
+    A case's size is the payload's size in bytes (for an object with no buffer: its pickle's)."""
+
+    name: str
+    description: str
+    make: Callable[[int], object]
+    unavailable: Callable[[], Optional[str]] = lambda: None
+
+
+PAYLOADS: dict[str, Payload] = {}
+
+
+def register_payload(payload: Payload) -> Payload:
+    """Add (or replace) a payload in the registry; returns it."""
+    PAYLOADS[payload.name] = payload
+    return payload
+
+
+def make_payload(size: int) -> bytes:
+    """`size` bytes, every page written (so that the memory is really there)."""
+    pattern = bytes(range(256))
+    return pattern * (size // 256) + pattern[:size % 256]
+
+
+def _numpy_missing() -> Optional[str]:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return "numpy is not installed (it is optional: pip install numpy, or '.[test]')"
+    return None
+
+
+def _float64_array(size: int) -> object:
+    """One C-contiguous float64 array of `size` bytes, every page written."""
+    import numpy as np
+    if size % 8:
+        raise ValueError(f"a float64 array cannot be {size} bytes long")
+    return np.arange(size // 8, dtype=np.float64)
+
+
+def _small_dict(size: int) -> dict[str, Union[str, int, float]]:
+    """A dict of 10 short fields (str, int, float values), the same every time; `size` is ignored
+    (the case's size is this dict's pickle)."""
+    return {"id": 1234567, "name": "sensor-17", "kind": "temperature", "unit": "celsius",
+            "value": 21.375, "low": -40.0, "high": 85.0, "seq": 98765, "ok": 1, "site": "lab-3"}
+
+
+register_payload(Payload("bytes", "bytes", make_payload))
+register_payload(Payload("float64_array", "float64 array", _float64_array, _numpy_missing))
+register_payload(Payload("small_dict", "dict of 10 short fields", _small_dict))
+SMALL_DICT_SIZE = len(pickle.dumps(_small_dict(0), protocol=5))
+
+
+def received_size(received: object) -> int:
+    """The size in bytes of what a receive returned: a count, bytes, a view, a numpy array (its
+    ``nbytes``, without importing numpy), or any other object (its pickle at protocol 5)."""
+    if isinstance(received, int):
+        return received
+    if isinstance(received, (bytes, bytearray)):
+        return len(received)
+    if isinstance(received, memoryview):
+        return received.nbytes
+    nbytes = getattr(received, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return len(pickle.dumps(received, protocol=5))
 
 
 # ==== processes ===================================================================================
 
-def _context():
+def _context() -> _Context:
     """fork on Linux (cheap, and what the issue measures with); spawn where fork is unsafe."""
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
@@ -227,33 +484,34 @@ class _Watchdog:
     """Calls `action` once if not re-armed within the armed time. A sleeping thread: it takes
     the GIL only when it wakes, so it does not disturb what is being timed."""
 
-    def __init__(self, action, seconds):
+    def __init__(self, action: Callable[[], object], seconds: float) -> None:
         self._action = action
         self.seconds = seconds
-        self._deadline = None
+        self._deadline = 0.0
         self._stopped = threading.Event()
-        self._thread = None
+        self._thread: Optional[threading.Thread] = None
 
-    def arm(self, seconds=None):
+    def arm(self, seconds: Optional[float] = None) -> None:
         self._deadline = time.monotonic() + (self.seconds if seconds is None else seconds)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="loopfast-bench-watchdog",
                                             daemon=True)
             self._thread.start()
 
-    def _run(self):
+    def _run(self) -> None:
         while not self._stopped.wait(max(0.0, self._deadline - time.monotonic())):
             if time.monotonic() >= self._deadline:
                 self._action()
                 return
 
-    def cancel(self):
+    def cancel(self) -> None:
         self._stopped.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
 
 
-def _child_entry(target, ctrl, args, inherited, limit):
+def _child_entry(target: Callable[..., None], ctrl: Ctrl, args: tuple[object, ...],
+                 inherited: tuple[_Closable, ...], limit: float) -> None:
     # Under fork this process inherited this side's copies of the other ends: close them, so that
     # either process ending shows up as EOF on the other side.
     for obj in inherited:
@@ -277,34 +535,37 @@ class _Child:
     the start, and under fork the child closes the copies of `inherited` objects it got.
     """
 
-    def __init__(self, name, target, args, *, ends=(), inherited=(), limit=COMMAND_LIMIT,
-                 cpus=None):
+    def __init__(self, name: str, target: Callable[..., None], args: tuple[object, ...], *,
+                 ends: Sequence[_Closable] = (), inherited: Sequence[_Closable] = (),
+                 limit: float = COMMAND_LIMIT, cpus: Optional[set[int]] = None) -> None:
         ctx = _context()
         self.name = name
         self.limit = limit
+        self.ctrl: Ctrl
         self.ctrl, child_ctrl = ctx.Pipe()
         forked = ctx.get_start_method() == "fork"
-        inherited = tuple(inherited) + (self.ctrl,) if forked else ()
+        closed_in_child = (*inherited, self.ctrl) if forked else ()
         self.process = ctx.Process(target=_child_entry, name=f"loopfast-bench {name}",
-                                   args=(target, child_ctrl, args, inherited, limit), daemon=True)
+                                   args=(target, child_ctrl, args, closed_in_child, limit),
+                                   daemon=True)
         self.process.start()
         child_ctrl.close()
         for end in ends:
             end.close()
         if cpus is not None:
-            os.sched_setaffinity(self.process.pid, cpus)
+            _set_affinity(self.process.pid or 0, cpus)
         self._killer = _Watchdog(self.process.kill, limit + KILL_GRACE)
-        self._error = None
+        self._error: Optional[str] = None
 
-    def arm(self):
+    def arm(self) -> None:
         """(Re)start the countdown after which this process kills the child."""
         self._killer.arm()
 
-    def command(self, op, arg=None):
+    def command(self, op: str, arg: object = None) -> None:
         self._killer.arm()
         self.ctrl.send((op, arg))
 
-    def expect(self, tag, timeout=None):
+    def expect(self, tag: str, timeout: Optional[float] = None) -> object:
         """Wait (bounded) for a `tag` message from the child and return its value."""
         timeout = self.limit if timeout is None else timeout
         try:
@@ -314,20 +575,20 @@ class _Child:
         except (EOFError, OSError):
             raise BenchError(f"{self.name}: {self.failure()}") from None
         if got == "error":
-            self._error = value
+            self._error = str(value)
             raise BenchError(f"{self.name}: the peer process failed:\n{value}")
         if got != tag:
             raise BenchError(f"{self.name}: expected {tag!r} from the peer process, got {got!r}")
         return value
 
-    def failure(self):
+    def failure(self) -> str:
         """Why the child stopped answering: its traceback if it sent one, else its exit status."""
         if self._error is None:
             with contextlib.suppress(EOFError, OSError, ValueError):
                 if self.ctrl.poll(1.0):
                     got, value = self.ctrl.recv()
                     if got == "error":
-                        self._error = value
+                        self._error = str(value)
         if self._error is not None:
             return f"the peer process failed:\n{self._error}"
         self.process.join(2.0)
@@ -338,7 +599,7 @@ class _Child:
             return "the peer process stopped answering"
         return f"the peer process exited early (exit status {code})"
 
-    def stop(self, clean=True):
+    def stop(self, clean: bool = True) -> None:
         """Tell the child to exit and wait for it (bounded); with `clean`, check that it did."""
         problem = None
         try:
@@ -361,7 +622,7 @@ class _Child:
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def _gc_paused() -> Iterator[None]:
     """Timed loops run without the cyclic garbage collector (as timeit does)."""
     was_enabled = gc.isenabled()
     gc.disable()
@@ -372,69 +633,75 @@ def _gc_paused():
             gc.enable()
 
 
-def make_payload(size):
-    """`size` bytes, every page written (so that the memory is really there)."""
-    pattern = bytes(range(256))
-    return pattern * (size // 256) + pattern[:size % 256]
-
-
-def received_size(received):
-    return received if isinstance(received, int) else len(received)
-
-
 # ---- the peer process's side: fixed-count loops run on command ---------------------------------
 
-def _op_send(ep, payload, buffer, n):
-    send = ep.send
+def _op_send(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
+    send, data = ep.send, _as_buffer(payload)
     for _ in range(n):
-        send(payload)
+        send(data)
 
 
-def _op_recv(ep, payload, buffer, n):
+def _op_recv(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
     recv = ep.recv
     for _ in range(n):
         recv()
 
 
-def _op_recv_into(ep, payload, buffer, n):
+def _op_recv_into(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
     recv_into = ep.recv_into
     for _ in range(n):
         recv_into(buffer)
 
 
-def _op_echo(ep, payload, buffer, n):
+def _op_echo(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
     send, recv = ep.send, ep.recv
     for _ in range(n):
         send(recv())
 
 
-def _op_echo_into(ep, payload, buffer, n):
+def _op_echo_into(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
     send, recv_into = ep.send, ep.recv_into
     view = memoryview(buffer)
     for _ in range(n):
         send(view[:recv_into(buffer)])
 
 
-# Loops a peer process runs on command, each exactly `n` messages: op(endpoint, payload of the
-# case's size, a preallocated buffer of that size, n).
-SERVICE_OPS = {
+def _op_send_obj(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
+    send_obj = ep.send_obj
+    for _ in range(n):
+        send_obj(payload)
+
+
+def _op_echo_obj(ep: Endpoint, payload: object, buffer: bytearray, n: int) -> None:
+    send_obj, recv_obj = ep.send_obj, ep.recv_obj
+    for _ in range(n):
+        send_obj(recv_obj())
+
+
+# Loops a peer process runs on command, each exactly `n` messages: op(endpoint, the case's
+# payload, a preallocated buffer of the payload's size (bytes payloads only), n).
+SERVICE_OPS: dict[str, Callable[[Endpoint, object, bytearray, int], None]] = {
     "send": _op_send,
     "recv": _op_recv,
     "recv_into": _op_recv_into,
     "echo": _op_echo,
     "echo_into": _op_echo_into,
+    "send_obj": _op_send_obj,
+    "echo_obj": _op_echo_obj,
 }
 
 
-def _serve(ctrl, dog, peer_name, end, size):
+def _serve(ctrl: Ctrl, dog: _Watchdog, peer_name: str, end: End, size: int,
+           payload_name: str) -> None:
     # Close the end explicitly: one left for interpreter shutdown to finalize is untidy under spawn.
     with contextlib.closing(end):
-        _serve_commands(ctrl, dog, PEERS[peer_name].endpoint(end, size), size)
+        _serve_commands(ctrl, dog, PEERS[peer_name].endpoint(end, size), size, payload_name)
 
 
-def _serve_commands(ctrl, dog, ep, size):
-    payload = make_payload(size)
-    buffer = bytearray(size)
+def _serve_commands(ctrl: Ctrl, dog: _Watchdog, ep: Endpoint, size: int,
+                    payload_name: str) -> None:
+    payload = PAYLOADS[payload_name].make(size)
+    buffer = bytearray(size if payload_name == "bytes" else 0)
     ctrl.send(("ready", os.getpid()))
     while True:
         dog.arm()
@@ -444,6 +711,8 @@ def _serve_commands(ctrl, dog, ep, size):
         if op == "stop":
             ctrl.send(("bye", None))
             return
+        if not isinstance(n, int):
+            raise BenchError(f"bad command from the benchmark process: {op!r} {n!r}")
         with _gc_paused():
             SERVICE_OPS[op](ep, payload, buffer, n)
 
@@ -452,23 +721,33 @@ class PeerProcess:
     """A connection of `peer` whose far end is served by a new process (context manager).
 
     ``endpoint`` is this process's end; ``request(op, n)`` starts one of `SERVICE_OPS` in the peer
-    process (it returns at once; the caller then does its side of the n messages). Used by the
-    bench and by the pytest-benchmark files in benchmarks/.
+    process (it returns at once; the caller then does its side of the n messages). The peer
+    process builds the payload (`payload`, a name in `PAYLOADS`) of `size` bytes once, at its
+    start. Used by the bench and by the pytest-benchmark files in benchmarks/.
     """
 
-    def __init__(self, peer, size, *, limit=COMMAND_LIMIT, cpus=None):
+    def __init__(self, peer: Union[Peer, str], size: int, *, payload: str = "bytes",
+                 limit: float = COMMAND_LIMIT, cpus: Optional[set[int]] = None) -> None:
         self.peer = PEERS[peer] if isinstance(peer, str) else peer
         self.size = size
+        self.payload = payload
         self.limit = limit
         self.cpus = cpus
-        self.endpoint = None
-        self._child = None
-        self._end = None
+        self._endpoint: Optional[Endpoint] = None
+        self._child: Optional[_Child] = None
+        self._end: Optional[End] = None
 
-    def __enter__(self):
+    @property
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            raise BenchError(f"{self.peer.name}: the peer process is not running")
+        return self._endpoint
+
+    def __enter__(self) -> PeerProcess:
         first, second = self.peer.make_pair()
         try:
-            self._child = _Child(self.peer.name, _serve, (self.peer.name, second, self.size),
+            self._child = _Child(self.peer.name, _serve,
+                                 (self.peer.name, second, self.size, self.payload),
                                  ends=(second,), inherited=(first,), limit=self.limit,
                                  cpus=self.cpus)
             self._child.arm()
@@ -480,35 +759,48 @@ class PeerProcess:
                 self._child.stop(clean=False)
             raise
         self._end = first
-        self.endpoint = self.peer.endpoint(first, self.size)
+        self._endpoint = self.peer.endpoint(first, self.size)
         return self
 
-    def request(self, op, n):
-        self._child.command(op, n)
+    def _running(self) -> _Child:
+        if self._child is None:
+            raise BenchError(f"{self.peer.name}: the peer process is not running")
+        return self._child
 
-    def failure(self):
-        return BenchError(f"{self.peer.name}: {self._child.failure()}")
+    def request(self, op: str, n: int) -> None:
+        self._running().command(op, n)
 
-    def __exit__(self, exc_type, exc, tb):
+    def failure(self) -> BenchError:
+        return BenchError(f"{self.peer.name}: {self._running().failure()}")
+
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
         self.close(clean=exc_type is None)
 
-    def close(self, clean=True):
+    def close(self, clean: bool = True) -> None:
         if self._child is None:
             return
         child, self._child = self._child, None
-        self.endpoint = None
-        self._end.close()
+        self._endpoint = None
+        if self._end is not None:
+            self._end.close()
         child.stop(clean=clean)
 
 
 # ==== cases =======================================================================================
 
+Receive = Literal["recv", "recv_into", "object"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One workload. `count` messages (round trips) per measurement, `quick_count` with --quick;
-    `warmup` of them go first, untimed. `receive` is how this process takes messages in:
-    "recv" (recv_bytes(): a new bytes object each) or "recv_into" (recv_bytes_into() one
-    preallocated buffer). `references` are the peers the others are compared with."""
+    `warmup` of them go first, untimed (default: a tenth, at least 2). `receive` is how this
+    process takes messages in: "recv" (recv_bytes(): a new bytes object each), "recv_into"
+    (recv_bytes_into() one preallocated buffer) or "object" (the peer's recv_obj: recv(), an
+    object). `payload` names what moves (`PAYLOADS`); `quick_size` and `quick_title`, if given,
+    replace `size` and `title` under --quick. `references` are the peers the others are compared
+    with."""
 
     name: str
     title: str
@@ -519,40 +811,84 @@ class Case:
     quick_count: int
     peers: tuple[str, ...]
     references: tuple[str, ...] = ("mp_pipe",)
-    receive: str = "recv"
+    receive: Receive = "recv"
     default: bool = True
     note: str = ""
+    payload: str = "bytes"
+    warmup: Optional[int] = None
+    quick_size: Optional[int] = None
+    quick_title: Optional[str] = None
 
-    def counts(self, quick):
+    def counts(self, quick: bool) -> tuple[int, int]:
         count = self.quick_count if quick else self.count
-        return count, max(2, count // 10)
+        return count, max(2, count // 10) if self.warmup is None else self.warmup
+
+    def for_run(self, quick: bool) -> Case:
+        """This case as a run measures it: under `quick`, at its quick size and title."""
+        if not quick or self.quick_size is None:
+            return self
+        return dataclasses.replace(
+            self, size=self.quick_size, title=self.quick_title or self.title, quick_size=None,
+            note=f"{self.note}; --quick moves {format_size(self.quick_size)} (the full run: "
+                 f"{format_size(self.size)})")
+
+    def unavailable(self) -> Optional[str]:
+        """Why this case cannot run here (its payload needs a missing module), or None."""
+        return PAYLOADS[self.payload].unavailable()
 
 
 CASES: dict[str, Case] = {}
 
 
-def register_case(case):
+def register_case(case: Case) -> Case:
     """Add (or replace) a case in the registry; returns it."""
     if case.kind not in KINDS:
         raise ValueError(f"unknown kind {case.kind!r}")
+    if case.payload not in PAYLOADS:
+        raise ValueError(f"unknown payload {case.payload!r}")
     CASES[case.name] = case
     return case
 
 
-def receiver(ep, case):
+def receiver(ep: Endpoint, case: Case) -> Callable[[], object]:
     """The receive call a case uses on endpoint `ep` (see `Case.receive`)."""
     if case.receive == "recv_into":
         return functools.partial(ep.recv_into, bytearray(case.size))
+    if case.receive == "object":
+        return ep.recv_obj
     return ep.recv
 
 
-def _check_size(case, received, peer):
+# The peer process's loops for each way of receiving: (stream: send n, round trip: echo n).
+_SEND_OP = {"recv": "send", "recv_into": "send", "object": "send_obj"}
+_ECHO_OP = {"recv": "echo", "recv_into": "echo_into", "object": "echo_obj"}
+
+
+def send_op(case: Case) -> str:
+    """The `SERVICE_OPS` loop by which a peer process sends a case's messages to this one."""
+    return _SEND_OP[case.receive]
+
+
+def echo_op(case: Case) -> str:
+    """The `SERVICE_OPS` loop by which a peer process echoes a case's messages back."""
+    return _ECHO_OP[case.receive]
+
+
+def send_call(ep: Endpoint, case: Case, payload: object) -> Callable[[], None]:
+    """A call that sends `payload` on `ep` as `case` sends it: send_bytes or send (an object)."""
+    if case.receive == "object":
+        return functools.partial(ep.send_obj, payload)
+    return functools.partial(ep.send, _as_buffer(payload))
+
+
+def _check_size(case: Case, received: object, peer: Peer) -> None:
     if received_size(received) != case.size:
         raise BenchError(f"{peer.name}: {case.title}: received a {received_size(received)}-byte "
                          f"message, expected {case.size}")
 
 
-def _round_trips(send, recv, payload, n, clock):
+def _round_trips(send: Callable[[_T], None], recv: Callable[[], object], payload: _T, n: int,
+                 clock: Callable[[], int]) -> tuple[list[int], object]:
     times = [0] * n
     reply = None
     for i in range(n):
@@ -563,16 +899,21 @@ def _round_trips(send, recv, payload, n, clock):
     return times, reply
 
 
-def measure_roundtrip(pp, case, count, warmup):
+def measure_roundtrip(pp: PeerProcess, case: Case, count: int, warmup: int) -> Measurement:
     """`count` round trips, each timed alone; the figure is their median in µs."""
     ep = pp.endpoint
-    payload = make_payload(case.size)
+    payload = PAYLOADS[case.payload].make(case.size)
     recv = receiver(ep, case)
-    pp.request("echo" if case.receive == "recv" else "echo_into", warmup + count)
+    pp.request(echo_op(case), warmup + count)
     clock = time.perf_counter_ns
     with _gc_paused():
-        _round_trips(ep.send, recv, payload, warmup, clock)
-        times, reply = _round_trips(ep.send, recv, payload, count, clock)
+        if case.receive == "object":
+            _round_trips(ep.send_obj, recv, payload, warmup, clock)
+            times, reply = _round_trips(ep.send_obj, recv, payload, count, clock)
+        else:
+            data = _as_buffer(payload)
+            _round_trips(ep.send, recv, data, warmup, clock)
+            times, reply = _round_trips(ep.send, recv, data, count, clock)
     _check_size(case, reply, pp.peer)
     times.sort()
     return {
@@ -584,23 +925,24 @@ def measure_roundtrip(pp, case, count, warmup):
     }
 
 
-def _drain(recv, n):
+def _drain(recv: Callable[[], object], n: int) -> object:
     received = None
     for _ in range(n):
         received = recv()
     return received
 
 
-def measure_stream(pp, case, count, warmup):
+def measure_stream(pp: PeerProcess, case: Case, count: int, warmup: int) -> Measurement:
     """The peer process sends `count` messages back to back; timed from the command that starts
     them to the last one received here."""
     recv = receiver(pp.endpoint, case)
-    pp.request("send", warmup)
+    op = send_op(case)
+    pp.request(op, warmup)
     _drain(recv, warmup)
     clock = time.perf_counter
     with _gc_paused():
         t0 = clock()
-        pp.request("send", count)
+        pp.request(op, count)
         last = _drain(recv, count)
         elapsed = clock() - t0
     _check_size(case, last, pp.peer)
@@ -610,7 +952,7 @@ def measure_stream(pp, case, count, warmup):
 
 
 class Kind(NamedTuple):
-    measure: Callable  # measure(peer_process, case, count, warmup) -> {"value": ..., ...}
+    measure: Callable[[PeerProcess, Case, int, int], Measurement]
     lower_is_better: bool
     unit_label: dict[str, str]
 
@@ -636,6 +978,22 @@ register_case(Case("stream1m", "1 MiB stream", "stream", MiB, "GB/s", 800, 300, 
 register_case(Case("stream16m", "16 MiB stream", "stream", 16 * MiB, "GB/s", 50, 20,
                    _STREAM_PEERS, _BULK_REFERENCES, receive="recv_into",
                    note="recv_bytes_into one preallocated buffer, as the socket loop's recv_into"))
+# Objects (issue 4). A big numpy array: pickle protocol 5 with its memory out of band (loopfast)
+# or in band (multiprocessing), beside the same bytes through loopfast's send_bytes/recv_bytes.
+# Few messages: multiprocessing moves one 256 MiB array in about a second.
+NUMPY_OBJECT_SIZE = 256 * MiB
+QUICK_NUMPY_OBJECT_SIZE = 32 * MiB
+register_case(Case("numpy_object", "256 MiB numpy object", "stream", NUMPY_OBJECT_SIZE, "GB/s",
+                   3, 4, ("loopfast", "mp_pipe", "loopfast_bytes"), ("loopfast_bytes", "mp_pipe"),
+                   receive="object", payload="float64_array", warmup=1,
+                   quick_size=QUICK_NUMPY_OBJECT_SIZE,
+                   quick_title="32 MiB numpy object",
+                   note="one float64 array per message: send(array) / recv() (a new array), "
+                        "beside send_bytes(array.data) / recv_bytes() (new bytes)"))
+register_case(Case("small_object_rt", "small object round trip", "roundtrip", SMALL_DICT_SIZE,
+                   "µs", 10_000, 3000, ("loopfast", "mp_pipe"), receive="object",
+                   payload="small_dict",
+                   note="a dict of 10 short fields (str/int/float): send, then recv of the echo"))
 # Not in the default run (select with --case): the same bulk streams through recv_bytes(), which
 # allocates a new bytes object per message.
 register_case(Case("stream1m_bytes", "1 MiB stream, recv_bytes", "stream", MiB, "GB/s", 800, 300,
@@ -647,13 +1005,14 @@ register_case(Case("stream16m_bytes", "16 MiB stream, recv_bytes", "stream", 16 
                    note="recv_bytes: a new bytes object per message"))
 
 
-def measure(case, peer, quick=False, *, cpus=None):
+def measure(case: Union[Case, str], peer: Union[Peer, str], quick: bool = False, *,
+            cpus: Optional[set[int]] = None) -> Measurement:
     """One measurement of `case` with `peer` (names or objects), in a fresh peer process (pinned
     to `cpus` if given)."""
-    case = CASES[case] if isinstance(case, str) else case
+    case = (CASES[case] if isinstance(case, str) else case).for_run(quick)
     peer = PEERS[peer] if isinstance(peer, str) else peer
     count, warmup = case.counts(quick)
-    with PeerProcess(peer, case.size, cpus=cpus) as pp:
+    with PeerProcess(peer, case.size, payload=case.payload, cpus=cpus) as pp:
         try:
             return KINDS[case.kind].measure(pp, case, count, warmup)
         except (EOFError, OSError) as exc:
@@ -665,12 +1024,19 @@ def measure(case, peer, quick=False, *, cpus=None):
 MEMORY_SIZE = 256 * MiB
 QUICK_MEMORY_SIZE = 64 * MiB
 MEMORY_PEERS = ("loopfast", "mp_pipe")
-# How the receiving side takes the message in; each transfer also measures the sending side.
-MEMORY_RECEIVE_APIS = ("recv", "recv_into")
-_API_NAMES = {"send": "send_bytes", "recv": "recv_bytes", "recv_into": "recv_bytes_into"}
+# How the receiving side takes the message in; each transfer also measures the sending side (with
+# send_bytes, or with send for "recv_obj", whose message is a float64 array: issue 4).
+MEMORY_RECEIVE_APIS = ("recv", "recv_into", "recv_obj")
+_SENDER_API = {"recv": "send", "recv_into": "send", "recv_obj": "send_obj"}
+_API_NAMES = {"send": "send_bytes", "recv": "recv_bytes", "recv_into": "recv_bytes_into",
+              "send_obj": "send", "recv_obj": "recv"}
+_OBJECT_PAYLOAD = "float64_array"
+MEMORY_METHOD = ("rise of the peak RSS (VmHWM in /proc/self/status) during the call, after "
+                 "resetting it through /proc/self/clear_refs; the message to send (and "
+                 "recv_bytes_into's buffer) is allocated and written before the reset")
 
 
-def memory_unsupported_reason():
+def memory_unsupported_reason() -> Optional[str]:
     """None if peak memory can be measured here, else why not."""
     if not sys.platform.startswith("linux"):
         return "peak-memory figures need Linux (/proc/self/clear_refs and VmHWM)"
@@ -682,12 +1048,12 @@ def memory_unsupported_reason():
     return None
 
 
-def _reset_peak():
+def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _peak_rss():
+def _peak_rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -695,26 +1061,41 @@ def _peak_rss():
     raise ValueError("no VmHWM in /proc/self/status")
 
 
-def _memory_side(ctrl, dog, peer_name, end, role, api, size):
+def _memory_side(ctrl: Ctrl, dog: _Watchdog, peer_name: str, end: End, api: str,
+                 size: int) -> None:
     with contextlib.closing(end):
-        _memory_transfer(ctrl, dog, PEERS[peer_name].endpoint(end, size), role, api, size)
+        _memory_transfer(ctrl, dog, PEERS[peer_name].endpoint(end, size), api, size)
 
 
-def _memory_transfer(ctrl, dog, ep, role, api, size):
-    data = make_payload(size) if role == "send" else bytearray(size) if api == "recv_into" else None
+def _memory_transfer(ctrl: Ctrl, dog: _Watchdog, ep: Endpoint, api: str, size: int) -> None:
+    # What the call needs beforehand is allocated and written before the peak is reset: only the
+    # call's own memory counts.
+    data: object = None
+    if api == "send":
+        data = make_payload(size)
+    elif api == "send_obj":
+        data = PAYLOADS[_OBJECT_PAYLOAD].make(size)
+    elif api == "recv_into":
+        data = bytearray(size)
     _reset_peak()
     base = _peak_rss()
     ctrl.send(("ready", base))
     if not ctrl.poll(dog.seconds):
         raise TimeoutError("no go from the benchmark process")
     ctrl.recv()
-    if role == "send":
-        ep.send(data)
+    if api == "send":
+        ep.send(_as_buffer(data))
+        moved = size
+    elif api == "send_obj":
+        ep.send_obj(data)
         moved = size
     elif api == "recv":
-        moved = len(ep.recv())
-    else:
+        moved = received_size(ep.recv())
+    elif api == "recv_into":
+        assert isinstance(data, bytearray)
         moved = ep.recv_into(data)
+    else:
+        moved = received_size(ep.recv_obj())
     peak = _peak_rss()
     ctrl.send(("result", {"base": base, "peak": peak, "moved": moved}))
     if not ctrl.poll(dog.seconds):
@@ -723,20 +1104,26 @@ def _memory_transfer(ctrl, dog, ep, role, api, size):
     ctrl.send(("bye", None))
 
 
-def measure_memory(peer, size, receive_api="recv"):
+def _side_result(value: object, name: str) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+        raise BenchError(f"{name}: unexpected result from the peer process: {value!r}")
+    return {str(key): int(v) for key, v in value.items()}
+
+
+def measure_memory(peer: Union[Peer, str], size: int, receive_api: str = "recv") -> dict[str, int]:
     """Move one `size`-byte message between two new processes, the receiver using
-    `receive_api` ("recv" or "recv_into"); return how much each one's peak RSS rose, in bytes:
+    `receive_api` ("recv", "recv_into", or "recv_obj": a float64 array sent with send and
+    received with recv); return how much each one's peak RSS rose, in bytes:
     {"send": ..., "receive": ...}."""
     peer = PEERS[peer] if isinstance(peer, str) else peer
     first, second = peer.make_pair()
-    sides = {}
+    sides: dict[str, _Child] = {}
     try:
         sides["receive"] = _Child(f"{peer.name} receiver", _memory_side,
-                                  (peer.name, first, "recv", receive_api, size),
-                                  inherited=(second,))
+                                  (peer.name, first, receive_api, size), inherited=(second,))
         first.close()
         sides["send"] = _Child(f"{peer.name} sender", _memory_side,
-                               (peer.name, second, "send", None, size),
+                               (peer.name, second, _SENDER_API[receive_api], size),
                                inherited=(sides["receive"].ctrl,))
         second.close()
         for side in sides.values():
@@ -745,7 +1132,8 @@ def measure_memory(peer, size, receive_api="recv"):
             side.expect("ready")
         for side in sides.values():
             side.command("go")
-        results = {name: side.expect("result") for name, side in sides.items()}
+        results = {name: _side_result(side.expect("result"), side.name)
+                   for name, side in sides.items()}
     except BaseException:
         first.close()
         second.close()
@@ -761,20 +1149,25 @@ def measure_memory(peer, size, receive_api="recv"):
     return {name: result["peak"] - result["base"] for name, result in results.items()}
 
 
-def _run_memory(quick, progress):
+def _run_memory(quick: bool, progress: Callable[[str], None]) -> MemorySection:
     reason = memory_unsupported_reason()
     size = QUICK_MEMORY_SIZE if quick else MEMORY_SIZE
     repeats = 1 if quick else 3
-    section = {"size": size, "repeats": repeats, "skipped": reason, "rows": []}
+    objects_skipped = PAYLOADS[_OBJECT_PAYLOAD].unavailable()
+    section: MemorySection = {"size": size, "repeats": repeats, "method": MEMORY_METHOD,
+                              "skipped": reason, "objects_skipped": objects_skipped, "rows": []}
     if reason:
         progress(f"memory: skipped ({reason})")
         return section
-    samples = {}
+    if objects_skipped:
+        progress(f"memory: objects skipped ({objects_skipped})")
+    apis = [api for api in MEMORY_RECEIVE_APIS if api != "recv_obj" or not objects_skipped]
+    samples: dict[tuple[str, str], list[int]] = {}
     for repeat in range(repeats):
         for peer in MEMORY_PEERS:
-            for api in MEMORY_RECEIVE_APIS:
+            for api in apis:
                 extra = measure_memory(peer, size, api)
-                samples.setdefault((peer, "send"), []).append(extra["send"])
+                samples.setdefault((peer, _SENDER_API[api]), []).append(extra["send"])
                 samples.setdefault((peer, api), []).append(extra["receive"])
         progress(f"memory {repeat + 1}/{repeats}: one {format_size(size)} message, "
                  + ", ".join(f"{PEERS[p].label} {_API_NAMES[a]} +{v[-1] / MiB:.1f} MiB"
@@ -783,8 +1176,9 @@ def _run_memory(quick, progress):
         section["rows"].append({
             "peer": peer,
             "label": PEERS[peer].label,
-            "side": "send" if api == "send" else "receive",
+            "side": "send" if api in ("send", "send_obj") else "receive",
             "api": _API_NAMES[api],
+            "message": PAYLOADS[_OBJECT_PAYLOAD if api.endswith("_obj") else "bytes"].description,
             "samples": values,
             "worst": max(values),
             "worst_ratio": max(values) / size,
@@ -794,20 +1188,23 @@ def _run_memory(quick, progress):
 
 # ==== a whole run =================================================================================
 
-def environment():
+def environment() -> Environment:
     """Facts about this machine and build, for the report header."""
     import loopfast
-    from loopfast import _channel
+    core = sys.modules[loopfast.Channel.__module__].__file__ or loopfast.Channel.__module__
     cpu_model = None
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    usable_cpus = _get_affinity()
+    usable = None if usable_cpus is None else len(usable_cpus)
     return {
         "loopfast_version": loopfast.__version__,
-        "loopfast_core": os.path.basename(_channel.__file__),
+        "implementation": loopfast.implementation,
+        "spin_us": loopfast.get_default_spin(),
+        "loopfast_core": os.path.basename(core),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -822,7 +1219,20 @@ def environment():
 PIN_MODES = ("none", "split", "same")
 
 
-def pinning(mode):
+def _get_affinity() -> Optional[set[int]]:
+    """The CPUs this process may run on, or None where the OS cannot say or pin (not Linux)."""
+    if sys.platform == "win32" or sys.platform == "darwin" or not hasattr(os, "sched_getaffinity"):
+        return None
+    return os.sched_getaffinity(0)
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    if sys.platform == "win32" or sys.platform == "darwin" or not hasattr(os, "sched_setaffinity"):
+        raise ValueError("pinning processes to CPUs needs Linux (sched_setaffinity)")
+    os.sched_setaffinity(pid, cpus)
+
+
+def pinning(mode: str) -> tuple[Optional[set[int]], Optional[set[int]]]:
     """(CPUs for this process, CPUs for peer processes) under a pin mode: "none" leaves placement
     to the scheduler; "split" puts the two processes on two different CPUs; "same" on one CPU.
     (On loopback the placement decides whether a wake-up costs a few µs or tens of µs.)"""
@@ -830,9 +1240,10 @@ def pinning(mode):
         return None, None
     if mode not in PIN_MODES:
         raise ValueError(f"unknown pin mode {mode!r} (one of {', '.join(PIN_MODES)})")
-    if not hasattr(os, "sched_setaffinity"):
+    usable = _get_affinity()
+    if usable is None:
         raise ValueError("pinning processes to CPUs needs Linux (sched_setaffinity)")
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(usable)
     if mode == "same":
         return {cpus[0]}, {cpus[0]}
     if len(cpus) < 2:
@@ -841,51 +1252,62 @@ def pinning(mode):
 
 
 @contextlib.contextmanager
-def _pinned(cpus):
+def _pinned(cpus: Optional[set[int]]) -> Iterator[None]:
     if cpus is None:
         yield
         return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    before = _get_affinity()
+    _set_affinity(0, cpus)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        if before is not None:
+            _set_affinity(0, before)
 
 
-def _rotated(items, by):
+def _rotated(items: list[_T], by: int) -> list[_T]:
     by %= len(items)
     return items[by:] + items[:by]
 
 
-def _stderr(message):
+def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(case_names=None, *, quick=False, rounds=None, memory=True, pin="none",
-        progress=_stderr):
+def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
+        rounds: Optional[int] = None, memory: bool = True, pin: str = "none",
+        progress: Callable[[str], None] = _stderr) -> Report:
     """Run the bench and return its report (a JSON-ready dict; `format_report` prints it)."""
     own_cpus, peer_cpus = pinning(pin)
     if case_names:
         unknown = [name for name in case_names if name not in CASES]
         if unknown:
             raise ValueError(f"unknown case(s): {', '.join(unknown)}")
-        cases = [CASES[name] for name in case_names]
+        selected = [CASES[name] for name in case_names]
     else:
-        cases = [case for case in CASES.values() if case.default]
+        selected = [case for case in CASES.values() if case.default]
+    skipped_cases = {}
+    for case in selected:
+        reason = case.unavailable()
+        if reason:
+            skipped_cases[case.name] = reason
+    cases = [case.for_run(quick) for case in selected if case.name not in skipped_cases]
     rounds = rounds or (QUICK_ROUNDS if quick else FULL_ROUNDS)
     started = time.time()
     t0 = time.perf_counter()
-    report = {
+    env = environment()
+    report: Report = {
         "schema": SCHEMA,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "environment": environment(),
+        "environment": env,
         "settings": {"quick": quick, "rounds": rounds, "cases": [c.name for c in cases],
                      "memory": memory, "pin": pin},
         "peers": {name: peer.label for name, peer in PEERS.items()},
         "skipped_peers": {},
+        "skipped_cases": skipped_cases,
         "cases": [],
         "memory": None,
+        "duration_s": 0.0,
     }
     skipped = report["skipped_peers"]
     for case in cases:
@@ -894,9 +1316,13 @@ def run(case_names=None, *, quick=False, rounds=None, memory=True, pin="none",
             if reason:
                 skipped[name] = reason
     progress(f"loopfast bench: {len(cases)} cases, {rounds} rounds"
-             f"{' (quick)' if quick else ''}; medians and ratios at the end")
+             f"{' (quick)' if quick else ''}, {env['implementation']} implementation; "
+             "medians and ratios at the end")
+    for name, reason in skipped_cases.items():
+        progress(f"skipping case {name}: {reason}")
 
-    runs = {case.name: {name: [] for name in case.peers if name not in skipped} for case in cases}
+    runs: dict[str, dict[str, list[Measurement]]] = {
+        case.name: {name: [] for name in case.peers if name not in skipped} for case in cases}
     with _pinned(own_cpus):
         for r in range(rounds):
             for case in cases:
@@ -916,10 +1342,10 @@ def run(case_names=None, *, quick=False, rounds=None, memory=True, pin="none",
     return report
 
 
-def _summarize(case, runs, quick):
+def _summarize(case: Case, runs: dict[str, list[Measurement]], quick: bool) -> CaseReport:
     count, warmup = case.counts(quick)
     kind = KINDS[case.kind]
-    results = {}
+    results: dict[str, PeerResult] = {}
     for name, peer_runs in runs.items():
         values = [run["value"] for run in peer_runs]
         results[name] = {
@@ -930,7 +1356,7 @@ def _summarize(case, runs, quick):
             "max": max(values),
             "runs": peer_runs,
         }
-    ratios = {}
+    ratios: dict[str, dict[str, Ratio]] = {}
     for name, result in results.items():
         ratios[name] = {}
         for ref in case.references:
@@ -946,6 +1372,7 @@ def _summarize(case, runs, quick):
         "name": case.name,
         "title": case.title,
         "kind": case.kind,
+        "payload": case.payload,
         "size": case.size,
         "unit": case.unit,
         "unit_description": kind.unit_label.get(case.unit, case.unit),
@@ -962,7 +1389,7 @@ def _summarize(case, runs, quick):
 
 # ==== figures as text =============================================================================
 
-def format_value(value, unit):
+def format_value(value: float, unit: str) -> str:
     """A figure as the tables print it."""
     if unit == "msg/s":
         return f"{value:,.0f}"
@@ -971,7 +1398,7 @@ def format_value(value, unit):
     return f"{value:.1f}"
 
 
-def format_size(size):
+def format_size(size: int) -> str:
     """A byte count as "256 MiB" (exact units only)."""
     for unit, scale in (("GiB", 1024**3), ("MiB", MiB), ("KiB", KiB)):
         if size >= scale and size % scale == 0:
