@@ -46,9 +46,9 @@ from ._protocol import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADER, KIND_BYTES, KIND_
 
 __all__ = ["Channel"]
 
-# ---- sizes: the same values as the compiled channel (see _channel.pyx for the measurements) --------
+# ---- sizes: the same values as the compiled channel (see _channel.pyx for the measurements) ------
 HEADER_SIZE = FRAME_HEADER.size  # 16: kind u8, flags u8, reserved u16, count u32, length u64 (LE)
-RECV_BUFFER_SIZE = 256 * 1024    # one recv_into of up to this much takes in every frame that arrived
+RECV_BUFFER_SIZE = 256 * 1024    # one recv_into of this much takes in every frame that arrived
 DIRECT_READ_THRESHOLD = 64 * 1024  # larger payloads skip the receive buffer
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
 RECV_PLENTY = 16 * 1024          # a recv after a wait that returns this much: the peer outruns us
@@ -94,7 +94,7 @@ _loads = ForkingPickler.loads
 _CLOSED_WHILE_WAITING = "handle is closed (by another thread, while this one waited)"
 
 
-# ---- argument conversion, as Cython converts arguments to C types ------------------------------------
+# ---- argument conversion, as Cython converts arguments to C types --------------------------------
 
 def _ssize(value):
     """`value` as a Py_ssize_t argument: an integer (never a float) that fits in a C ssize_t."""
@@ -125,7 +125,7 @@ def _deadline(timeout):
     return time.monotonic_ns() + int(seconds * 1e9)
 
 
-# ---- buffers ---------------------------------------------------------------------------------------
+# ---- buffers -------------------------------------------------------------------------------------
 
 def _byte_view(obj, *, writable):
     """A 1-D memoryview of unsigned bytes over `obj`'s buffer (offsets and sizes are in bytes,
@@ -428,7 +428,7 @@ class Channel:
         out-of-band buffers."""
         return self._serializer
 
-    # ---- properties and small methods ----------------------------------------------------------------
+    # ---- properties and small methods ------------------------------------------------------------
 
     @property
     def closed(self):
@@ -526,7 +526,7 @@ class Channel:
         self.close()
         return ProtocolError(message)
 
-    # ---- waiting ---------------------------------------------------------------------------------------
+    # ---- waiting ---------------------------------------------------------------------------------
 
     def _wait(self, events, deadline):
         """Wait until the socket is ready for `events` (_POLLIN or _POLLOUT). Returns False when
@@ -552,7 +552,7 @@ class Channel:
             if timeout_ms == 0 or time.monotonic_ns() >= deadline:
                 return True
 
-    # ---- receiving -------------------------------------------------------------------------------------
+    # ---- receiving -------------------------------------------------------------------------------
 
     def _fill(self, deadline):
         """Receive at least one more byte into the receive buffer."""
@@ -889,7 +889,7 @@ class Channel:
             return True  # ready: the receive will raise the ProtocolError
         return FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4] <= avail - HEADER_SIZE
 
-    # ---- sending ---------------------------------------------------------------------------------------
+    # ---- sending ---------------------------------------------------------------------------------
 
     def _send_some(self, sock, parts, sent):
         """One send() (or sendmsg() gather write of at most IOV_MAX buffers) of `parts` from
@@ -1049,7 +1049,7 @@ class Channel:
                 self._flush_rest(deadline)
             self._send_all([head, data, *buffers], deadline)
 
-    # ---- raw bytes for the handshake (_handshake.py), before any frame -------------------------------
+    # ---- raw bytes for the handshake (_handshake.py), before any frame ---------------------------
 
     def _send_raw(self, data, *, timeout=None):
         """Send bytes as they are, without a frame header."""
@@ -1077,10 +1077,11 @@ class Channel:
         self._rstart += n
         return out
 
-    # ---- handing a channel to another process (see _reduction.py) -------------------------------------
+    # ---- handing a channel to another process (see _reduction.py) --------------------------------
 
     def _buffered(self):
-        """The bytes received but not yet consumed, for a copy of this channel in another process."""
+        """The bytes received but not yet consumed, for a copy of this channel in another
+        process."""
         if self._pending is not None:
             raise OSError("cannot hand over a channel in the middle of receiving a large message")
         if self._send_rest is not None:
