@@ -528,11 +528,7 @@ def test_up_to_8191_buffers_are_one_object_message_and_more_go_in_band(pair, np,
 
 
 @pytest.mark.parametrize("cls", [
-    pytest.param(COMPILED, id="compiled", marks=pytest.mark.xfail(
-        pickle.DEFAULT_PROTOCOL < 5, strict=True,
-        reason="core bug: send() pickles an object with more than 8191 out-of-band buffers "
-               "again with ForkingPickler.dumps(obj) at the default protocol (4 before Python "
-               "3.14), which cannot pickle a PickleBuffer")),
+    pytest.param(COMPILED, id="compiled"),
     pytest.param(PURE, id="pure"),
 ])
 def test_more_than_8191_pickle_buffers_go_in_band(cls):

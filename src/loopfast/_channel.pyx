@@ -1230,7 +1230,7 @@ cdef class Channel:
         if not buffers:
             self._send_buffer(KIND_PICKLE, data, 0, None, deadline)
         elif len(buffers) > MAX_OOB_BUFFERS:
-            self._send_buffer(KIND_PICKLE, _dumps(obj), 0, None, deadline)
+            self._send_buffer(KIND_PICKLE, _dumps(obj, 5), 0, None, deadline)  # all in band
         else:
             self._send_object(data, buffers, deadline)
 
