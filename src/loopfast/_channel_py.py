@@ -52,6 +52,7 @@ RECV_BUFFER_SIZE = 256 * 1024    # one recv_into of this much takes in every fra
 DIRECT_READ_THRESHOLD = 64 * 1024  # larger payloads skip the receive buffer
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
 RECV_PLENTY = 16 * 1024          # a recv after a wait that returns this much: the peer outruns us
+BATCH_FLUSH_SIZE = 64 * 1024     # inside batch(), buffered frames are written at this size
 
 # ---- object messages (docs/protocol.md, "Objects") -----------------------------------------------
 KIND_OBJECT = 3        # a pickle-5 with out-of-band buffers: size table, pickle, buffers
@@ -285,6 +286,22 @@ else:  # pragma: no cover - Windows
         return any(ready)
 
 
+class _Batch:
+    """What Channel.batch() returns."""
+
+    def __init__(self, channel, timeout):
+        self.channel = channel
+        self.timeout = timeout
+
+    def __enter__(self):
+        with self.channel._send_lock:
+            self.channel._batch_depth += 1
+        return self.channel
+
+    def __exit__(self, *exc_info):
+        self.channel._end_batch(self.timeout)
+
+
 class Channel:
     """One end of a framed, bidirectional loopback connection.
 
@@ -312,6 +329,7 @@ class Channel:
         # incomplete (a timeout interrupted it) it stays here, so the next receive resumes it.
         "_pending", "_pending_part", "_pending_filled", "_pending_kind",
         "_send_rest",        # the unsent tail of a frame whose send was interrupted, or None
+        "_batch_depth", "_batch",  # open batch() blocks; the frames they hold back (bytearray)
         "_send_lock", "_recv_lock",  # one sender / one receiver at a time: frames never interleave
         # close() from another thread while one waits in poll(): see close() and _unblocked().
         "_state_lock", "_blocked", "_deferred_close",
@@ -360,6 +378,8 @@ class Channel:
         self._pending_part = self._pending_filled = 0
         self._pending_kind = 0
         self._send_rest = None
+        self._batch_depth = 0
+        self._batch = bytearray()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._state_lock = threading.RLock()  # reentrant: close() may run in a signal handler
@@ -792,6 +812,60 @@ class Channel:
                 self._refuse_object()
             return self._recv_frame(deadline, maxlength)[1]
 
+    def recv_bytes_many(self, max_messages=None, *, timeout=None):
+        """Wait for the next message (up to `timeout`), then return it with every further whole
+        message already received, up to `max_messages`, as a list of bytes. The further ones
+        come out of the receive buffer without a syscall each; one more nonblocking recv() is
+        made when the buffer runs dry. At least one message is returned, or an exception raised.
+        """
+        self._check_readable()
+        limit = None
+        if max_messages is not None:
+            limit = _ssize(max_messages)
+            if limit < 1:
+                raise ValueError("max_messages must be >= 1 or None")
+        deadline = _deadline(timeout)
+        with self._recv_lock:
+            if self._next_is_object(deadline):
+                self._refuse_object()
+            out = [self._recv_frame(deadline, None)[1]]
+            while limit is None or len(out) < limit:
+                avail = self._rend - self._rstart
+                if avail >= HEADER_SIZE:
+                    if (self._header_error() is not None
+                            or self._rbuf[self._rstart] == KIND_OBJECT):
+                        break  # an object message or a bad header: the next call takes it
+                    length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4]
+                    if length <= avail - HEADER_SIZE:
+                        start = self._rstart + HEADER_SIZE
+                        out.append(bytes(self._rview[start:start + length]))
+                        self._rstart = start + length
+                        continue
+                    if length > DIRECT_READ_THRESHOLD:
+                        break  # a large payload: the next call reads it into its own object
+                # A partial frame (or none): one nonblocking recv() for more, then stop.
+                if not self._fill_nowait():
+                    break
+            return out
+
+    def _fill_nowait(self):
+        """One nonblocking recv() into the receive buffer: True if it brought data. End of
+        stream and errors are left for the next receive to report."""
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif RECV_BUFFER_SIZE - self._rend < RECV_BUFFER_SIZE // 4:
+            kept = self._rend - self._rstart
+            self._rview[:kept] = self._rview[self._rstart:self._rend]
+            self._rstart, self._rend = 0, kept
+        if self._rend == RECV_BUFFER_SIZE or self._sock is None:
+            return False
+        try:
+            n = self._sock.recv_into(self._rview[self._rend:])
+        except OSError:
+            return False
+        self._rend += n
+        return n > 0
+
     def recv(self, *, timeout=None):
         """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
         self._check_readable()
@@ -963,17 +1037,92 @@ class Channel:
         self._send_rest = None
 
     def _send_frame(self, kind, payload, deadline):
-        """Send one frame; `payload` is a 1-D byte buffer (bytes or a 'B' memoryview)."""
-        if self._send_rest is not None:
-            self._flush_rest(deadline)
+        """Send one frame (the send lock is held); `payload` is a 1-D byte buffer."""
         size = len(payload)
         header = FRAME_HEADER.pack(kind, 0, 0, 0, size)
+        if self._batch_depth > 0 and size <= SMALL_SEND_SIZE:
+            # Inside batch(): held back in the batch buffer, written when full or at the end.
+            if self._send_rest is not None:
+                self._flush_rest(deadline)
+            self._batch += header
+            self._batch += payload
+            if len(self._batch) >= BATCH_FLUSH_SIZE:
+                self._flush_batch(deadline)
+            return
+        self._flush_pending_sends(deadline)
         if size <= SMALL_SEND_SIZE:
             # One contiguous send(): for small frames a copy is cheaper than a gather write.
             self._send_all([header + payload], deadline)
         else:
             # One gather write; the payload is never copied.
             self._send_all([header, payload], deadline)
+
+    def _flush_pending_sends(self, deadline):
+        """Before a frame goes out directly: the rest of a timed-out frame, then the batch."""
+        if self._send_rest is not None:
+            self._flush_rest(deadline)
+        if self._batch:
+            self._flush_batch(deadline)
+
+    def _flush_batch(self, deadline):
+        """Write the batch (the send lock is held). If the deadline passes part-way the rest
+        moves to _send_rest; if nothing went out, the batch stays as it was."""
+        data = bytes(self._batch)
+        try:
+            self._send_all([data], deadline)
+        except BaseException:
+            if self._send_rest is not None:  # part of it went out: the rest is saved there
+                self._batch.clear()
+            raise
+        self._batch.clear()
+
+    def batch(self, *, timeout=None):
+        """Context manager: sends inside the block are coalesced into one buffer, written when it
+        reaches 64 KiB and when the block ends (also on an exception), many frames per send().
+        Outside a batch every send goes out at once. `timeout` bounds the final write.
+
+        While a batch is open, every small send on this channel joins it (from any thread);
+        a large payload or an object with out-of-band buffers flushes the batch and goes out
+        after it, so the order of messages never changes.
+        """
+        self._check_writable()
+        return _Batch(self, timeout)
+
+    def _end_batch(self, timeout):
+        with self._send_lock:
+            self._batch_depth -= 1
+            if self._batch_depth == 0 and self._sock is not None:
+                self._flush_pending_sends(_deadline(timeout))
+
+    def send_bytes_many(self, buffers, *, timeout=None):
+        """Send every buffer of an iterable as its own message, with as few gather writes as
+        possible: small payloads are copied, with their headers, into one block; large ones are
+        written from their own memory. Nothing is sent if any item is not a buffer."""
+        self._check_writable()
+        deadline = _deadline(timeout)
+        views = []
+        try:
+            for item in buffers:
+                views.append(_byte_view(item, writable=False))
+            if not views:
+                return
+            parts = []
+            block = bytearray()  # headers and small payloads, back to back
+            for view in views:
+                block += FRAME_HEADER.pack(KIND_BYTES, 0, 0, 0, len(view))
+                if len(view) <= SMALL_SEND_SIZE:
+                    block += view
+                else:
+                    parts.append(bytes(block))
+                    block.clear()
+                    parts.append(view)
+            if block:
+                parts.append(bytes(block))
+            with self._send_lock:
+                self._flush_pending_sends(deadline)
+                self._send_all(parts, deadline)
+        finally:
+            _release_all(views)
 
     def _send_buffer(self, kind, obj, offset, size, deadline):
         view = _byte_view(obj, writable=False)
@@ -1045,8 +1194,7 @@ class Channel:
         head = (FRAME_HEADER.pack(KIND_OBJECT, 0, 0, count, length)
                 + struct.pack(f"<{count + 1}Q", *sizes))
         with self._send_lock:
-            if self._send_rest is not None:
-                self._flush_rest(deadline)
+            self._flush_pending_sends(deadline)
             self._send_all([head, data, *buffers], deadline)
 
     # ---- raw bytes for the handshake (_handshake.py), before any frame ---------------------------
