@@ -44,6 +44,8 @@ cdef class Channel:
     cdef uint64_t _max_message_size  # frames announcing more raise ProtocolError before allocating
     cdef object _max_message_size_obj  # the same, as given (int or None), for the property
     cdef int64_t _spin_ns           # busy-poll budget before a wait sleeps; -1: process default
+    cdef int _spin_skip             # waits left that sleep without spinning (the CPU was shared)
+    cdef int _spin_backoff          # how many the last contention made skip (doubles, to 1024)
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
 
     # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed. One recv()

@@ -19,10 +19,12 @@ from typing import Optional
 __all__ = ["DEFAULT_SPIN_US", "get_default_spin", "set_default_spin", "usable_cpus"]
 
 # Chosen by measurement (2-core machine, medians of 3 interleaved runs, 64 B messages):
-# round trip 72.5 us without spinning, 5.9-6.0 us with any budget from 10 to 200 us (the C
-# busy-poll floor: 5.3 us); one-way stream of plain send_bytes 567k msg/s without, ~490-510k with
-# (an eager receiver takes each message alone). 50 us covers a peer that answers within a few
-# tens of microseconds and costs at most 50 us of CPU per wait that ends up sleeping.
+# round trip on two CPUs 72.5 us without spinning, 5.9-6.0 us with any budget from 10 to 200 us
+# (the C busy-poll floor: 5.3 us). Both ends pinned to one CPU: 6.0 us either way, because the
+# spin notices that the CPU is shared (a yield that lets another thread run) and sleeps instead.
+# One-way stream of plain send_bytes: within the run-to-run noise with or without spinning.
+# 50 us covers a peer that answers within a few tens of microseconds and costs at most 50 us of
+# CPU per wait that ends up sleeping.
 DEFAULT_SPIN_US = 50.0
 
 _ENV = "LOOPFAST_SPIN_US"
