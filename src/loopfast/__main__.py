@@ -1,6 +1,7 @@
 """Command line: ``python -m loopfast <command>`` (also installed as the ``loopfast`` script).
 
-    python -m loopfast bench [--quick] [--json FILE]    loopfast beside its peers, one table
+    python -m loopfast bench [--quick] [--json FILE] [--plot FILE.png] [--floors DIR]
+        loopfast beside its peers (and the C floors), one table
 
 The measuring is in _bench.py; this file parses arguments and prints the report as tables.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import _bench
+from . import _bench, _bench_floors, _bench_plot
 from ._bench import MiB, Report, format_size, format_value
 
 
@@ -33,9 +35,17 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"loopfast bench: unknown case(s) {', '.join(unknown)} "
               f"(known: {', '.join(_bench.CASES)})", file=sys.stderr)
         return 2
+    if args.plot:  # refuse before the run, not after it
+        missing = _bench_plot.plot_unavailable()
+        if missing:
+            print(f"loopfast bench: {missing}", file=sys.stderr)
+            return 2
+    if args.floors and not os.path.isdir(args.floors):
+        print(f"loopfast bench: --floors {args.floors}: not a directory", file=sys.stderr)
+        return 2
     try:
         report = _bench.run(args.case, quick=args.quick, rounds=args.rounds,
-                            memory=not args.no_memory, pin=args.pin)
+                            memory=not args.no_memory, pin=args.pin, floors=args.floors)
     except (_bench.BenchError, ValueError) as exc:
         print(f"loopfast bench: {exc}", file=sys.stderr)
         return 1
@@ -45,6 +55,9 @@ def _run_bench(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=1, ensure_ascii=False)
             f.write("\n")
         print(f"loopfast bench: wrote every sample to {args.json}", file=sys.stderr)
+    if args.plot:
+        _bench_plot.write_plot(report, args.plot)
+        print(f"loopfast bench: wrote the plot to {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -54,6 +67,9 @@ _SHORT_REFERENCE = {"mp_pipe": "vs mp.Pipe", "mp_pipe_simplex": "vs mp simplex",
                     "socket": "vs socket", "loopfast_bytes": "vs send_bytes"}
 
 _TABLE_NOTES = """\
+CPU µs: CPU time (user + system) of both processes, this one and the peer process, per message
+(per round trip for round trips), median over the rounds: a busy-polling receiver spends CPU
+while it waits; batching spends less per message.
 Ratios: this row's median ÷ the reference's median, from this run. For µs lower is better
 (≤ 1 means faster); for msg/s and GB/s higher is better. Round trips: the median of the single
 round trips of a measurement. 1 and 16 MiB streams: recv_bytes_into one preallocated buffer (the
@@ -93,7 +109,7 @@ def format_report(report: Report) -> str:
     ]
     refs = sorted({ref for case in report["cases"] for ref in case["references"]},
                   key=lambda ref: [*_SHORT_REFERENCE, ref].index(ref))
-    header = (["case", "peer", "median", "unit", "min–max"]
+    header = (["case", "peer", "median", "unit", "min–max", "CPU µs"]
               + [_SHORT_REFERENCE.get(ref, f"vs {ref}") for ref in refs])
     rows = []
     for case in report["cases"]:
@@ -102,7 +118,8 @@ def format_report(report: Report) -> str:
             unit = case["unit"]
             row = [case["title"] if first else "", result["label"],
                    format_value(result["median"], unit), unit,
-                   f"{format_value(result['min'], unit)}–{format_value(result['max'], unit)}"]
+                   f"{format_value(result['min'], unit)}–{format_value(result['max'], unit)}",
+                   _cpu_text(result.get("cpu_us_per_msg"))]
             for ref in refs:
                 ratio = case["ratios"].get(name, {}).get(ref)
                 row.append(f"{ratio['of_medians']:.2f}×" if ratio else "")
@@ -110,6 +127,10 @@ def format_report(report: Report) -> str:
             first = False
     lines += _table(header, rows, right=set(range(2, len(header))) - {3})
     lines += ["", _TABLE_NOTES]
+    floors = report.get("floors")
+    if floors:
+        lines.append("")
+        lines += _floor_lines(floors)
     if any(case.get("receive") == "object" for case in report["cases"]):
         lines.append(_OBJECT_NOTES)
         for case in report["cases"]:
@@ -124,6 +145,34 @@ def format_report(report: Report) -> str:
         lines.append("")
         lines += _memory_lines(mem)
     return "\n".join(lines)
+
+
+def _cpu_text(value: Optional[float]) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
+def _floor_lines(floors: _bench_floors.FloorsSection) -> list[str]:
+    lines = [f"C floor (pingpong.c and stream.c from {floors['directory']}, "
+             f"{floors['compiler']} -O2, run in every round):"]
+    rows = [[result["label"], result["command"], format_value(result["median"], result["unit"]),
+             result["unit"], f"{format_value(result['min'], result['unit'])}–"
+                             f"{format_value(result['max'], result['unit'])}"]
+            for result in floors["results"].values()]
+    lines += _table(["floor", "command", "median", "unit", "min–max"], rows, right={2, 4})
+    spin = floors["results"].get("rt64_spin")
+    block = floors["results"].get("rt64_block")
+    for row, ratios in floors["ratios"].items():
+        parts = []
+        if spin and "rt64_spin" in ratios:
+            parts.append(f"{ratios['rt64_spin']:.2f}× the busy-polling floor")
+        if block and "rt64_block" in ratios:
+            parts.append(f"{ratios['rt64_block']:.2f}× the blocking floor")
+        if parts:
+            label = _bench.PEERS[row].label if row in _bench.PEERS else row
+            lines.append(f"64 B round trip, {label}: {' and '.join(parts)}")
+    return lines
 
 
 def _memory_lines(mem: _bench.MemorySection) -> list[str]:
@@ -174,16 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     bench = commands.add_parser(
-        "bench", help="measure loopfast beside multiprocessing.Pipe and a plain socket loop",
-        description="Measure loopfast.Pipe() beside multiprocessing.Pipe(), "
-                    "multiprocessing.Pipe(duplex=False) and a plain Python socket loop, in one "
-                    "run: repeated rounds with the peers interleaved, medians, and each figure's "
-                    "ratio to multiprocessing.Pipe (and, for streams, to the other peers). "
+        "bench", help="measure loopfast beside multiprocessing, a plain socket loop and pyzmq",
+        description="Measure loopfast.Pipe() (with and without busy-polling, and batched) "
+                    "beside multiprocessing.Pipe(), multiprocessing.Pipe(duplex=False), "
+                    "multiprocessing.connection over TCP, a plain Python socket loop and pyzmq "
+                    "(when installed), in one run: repeated rounds with the peers interleaved, "
+                    "medians, CPU per message, and each figure's ratio to multiprocessing.Pipe "
+                    "(and, for streams, to the other peers). "
                     "Progress goes to stderr, the tables to stdout.")
     bench.add_argument("--quick", action="store_true",
                        help="fewer rounds and messages (well under 30 s); noisier figures")
     bench.add_argument("--json", metavar="FILE",
                        help="also write every sample, median and ratio to FILE as JSON")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="also draw the medians to FILE.png, one panel per case, the ratio "
+                            "to multiprocessing.Pipe on each bar (needs matplotlib: "
+                            "pip install 'loopfast[plot]')")
+    bench.add_argument("--floors", metavar="DIR",
+                       help="also compile (cc -O2) and run the C floor programs pingpong.c and "
+                            "stream.c found in DIR, in every round, and compare loopfast's 64 B "
+                            "round trip with them")
     bench.add_argument("--rounds", type=_positive_int, metavar="N",
                        help="rounds (default: 7, or 3 with --quick)")
     bench.add_argument("--case", action="append", metavar="NAME",
