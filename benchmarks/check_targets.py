@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Check the speed and memory targets of issues 2 and 4 from ONE run of the loopfast bench; print
-PASS/MISS.
+"""Check the speed and memory targets of issues 2, 4 and 5 from ONE run of the loopfast bench;
+print PASS/MISS.
 
     python benchmarks/check_targets.py                  # the full bench (about 2.5 minutes)
     python benchmarks/check_targets.py --quick          # fewer rounds, smaller messages
     python benchmarks/check_targets.py --from-json F    # judge a saved bench --json F
+    python benchmarks/check_targets.py --floors DIR     # also run the C floors (pingpong.c ...)
 
 Every target is a ratio to a peer measured in the same run (absolute figures swing by ±50% on a
 shared machine). Exit status: 0 if every target passes, 1 if any misses, 2 if one could not be
-judged (a case or the memory figures missing from the run, or numpy not installed).
+judged (a case or the memory figures missing from the run, or numpy not installed). A target
+against the C floors is SKIP (not judged, no effect on the status) when the run had no --floors.
+
+The issue-2 targets (loopfast without busy-polling against multiprocessing and the socket loop)
+are judged on the ``loopfast.Pipe(spin=0)`` row; the issue-5 ones on the default
+``loopfast.Pipe()`` and the batched rows.
 """
 
 from __future__ import annotations
@@ -26,21 +32,21 @@ MiB = 1024 * 1024
 # (what the issue asks, case, peer, reference peer, comparison, bound): the ratio is
 # median(peer) / median(reference) from the same run.
 RATIO_TARGETS = [
-    # issue 2: bytes
-    ("64 B round trip: median ≤ 1.1 × multiprocessing.Pipe",
-     "rt64", "loopfast", "mp_pipe", "<=", 1.1),
-    ("64 B stream: ≥ 1.0 × multiprocessing.Pipe",
-     "stream64", "loopfast", "mp_pipe", ">=", 1.0),
-    ("64 B stream: ≥ 1.0 × plain socket loop",
-     "stream64", "loopfast", "socket", ">=", 1.0),
-    ("1 MiB stream: ≥ 1.0 × plain socket loop",
-     "stream1m", "loopfast", "socket", ">=", 1.0),
-    ("1 MiB stream: ≥ 2 × multiprocessing.Pipe(duplex=False)",
-     "stream1m", "loopfast", "mp_pipe_simplex", ">=", 2.0),
-    ("16 MiB stream: ≥ 1.0 × plain socket loop",
-     "stream16m", "loopfast", "socket", ">=", 1.0),
-    ("16 MiB stream: ≥ 2 × multiprocessing.Pipe(duplex=False)",
-     "stream16m", "loopfast", "mp_pipe_simplex", ">=", 2.0),
+    # issue 2: bytes, judged without busy-polling (spin=0)
+    ("64 B round trip, spin=0: median ≤ 1.1 × multiprocessing.Pipe",
+     "rt64", "loopfast_spin0", "mp_pipe", "<=", 1.1),
+    ("64 B stream, spin=0: ≥ 1.0 × multiprocessing.Pipe",
+     "stream64", "loopfast_spin0", "mp_pipe", ">=", 1.0),
+    ("64 B stream, spin=0: ≥ 1.0 × plain socket loop",
+     "stream64", "loopfast_spin0", "socket", ">=", 1.0),
+    ("1 MiB stream, spin=0: ≥ 1.0 × plain socket loop",
+     "stream1m", "loopfast_spin0", "socket", ">=", 1.0),
+    ("1 MiB stream, spin=0: ≥ 2 × multiprocessing.Pipe(duplex=False)",
+     "stream1m", "loopfast_spin0", "mp_pipe_simplex", ">=", 2.0),
+    ("16 MiB stream, spin=0: ≥ 1.0 × plain socket loop",
+     "stream16m", "loopfast_spin0", "socket", ">=", 1.0),
+    ("16 MiB stream, spin=0: ≥ 2 × multiprocessing.Pipe(duplex=False)",
+     "stream16m", "loopfast_spin0", "mp_pipe_simplex", ">=", 2.0),
     # issue 4: objects
     ("256 MiB numpy object, send/recv: ≥ 0.8 × loopfast send_bytes/recv_bytes of the same size",
      "numpy_object", "loopfast", "loopfast_bytes", ">=", 0.8),
@@ -48,6 +54,33 @@ RATIO_TARGETS = [
      "numpy_object", "loopfast", "mp_pipe", ">=", 5.0),
     ("small object round trip (a dict of 10 short fields): ≤ 1.0 × multiprocessing.Pipe",
      "small_object_rt", "loopfast", "mp_pipe", "<=", 1.0),
+    # issue 5: busy-polling and batching (default spin)
+    ("64 B round trip: median ≤ 0.25 × multiprocessing.Pipe",
+     "rt64", "loopfast", "mp_pipe", "<=", 0.25),
+    ("4 KiB round trip: median ≤ 0.3 × multiprocessing.Pipe",
+     "rt4k", "loopfast", "mp_pipe", "<=", 0.3),
+    ("64 B stream, batch() + send_bytes / recv_bytes: ≥ 5 × multiprocessing.Pipe(duplex=False)",
+     "stream64", "loopfast_batch", "mp_pipe_simplex", ">=", 5.0),
+    # "no regression of the core's 1 MiB stream": the issue-2 targets hold with busy-polling on
+    ("1 MiB stream (default spin): ≥ 1.0 × plain socket loop",
+     "stream1m", "loopfast", "socket", ">=", 1.0),
+    ("1 MiB stream (default spin): ≥ 2 × multiprocessing.Pipe(duplex=False)",
+     "stream1m", "loopfast", "mp_pipe_simplex", ">=", 2.0),
+]
+
+# (what the issue asks, case, peer, op, bound): an absolute median of the run.
+ABSOLUTE_TARGETS = [
+    ("64 B stream, send_bytes_many / recv_bytes_many: ≥ 10 million msg/s",
+     "stream64", "loopfast_many", ">=", 10e6),
+    ("64 B stream, batch() + send_bytes / recv_bytes: ≥ 3 million msg/s",
+     "stream64", "loopfast_batch", ">=", 3e6),
+]
+
+# (what the issue asks, loopfast row of the 64 B round trip, floor, op, bound): the row's median
+# ÷ the C floor's median, both from the run (bench --floors DIR).
+FLOOR_TARGETS = [
+    ("64 B round trip: median ≤ 1.5 × the busy-polling C floor",
+     "loopfast", "rt64_spin", "<=", 1.5),
 ]
 
 # (what the issue asks, memory row's api, compared: "ratio" (to the payload) or "bytes", op, bound)
@@ -64,7 +97,7 @@ MEMORY_TARGETS = [
      "send", "ratio", "<=", 0.05),
 ]
 
-PASS, MISS, UNKNOWN = "PASS", "MISS", "????"
+PASS, MISS, UNKNOWN, SKIP = "PASS", "MISS", "????", "SKIP"
 
 
 def _compare(value: float, op: str, bound: float) -> bool:
@@ -116,9 +149,48 @@ def _judge_memory(report: _bench.Report) -> list[tuple[str, str, str]]:
     return verdicts
 
 
+def _judge_absolute(report: _bench.Report) -> list[tuple[str, str, str]]:
+    verdicts = []
+    cases = {case["name"]: case for case in report["cases"]}
+    for text, case_name, peer, op, bound in ABSOLUTE_TARGETS:
+        case = cases.get(case_name)
+        result = None if case is None else case["results"].get(peer)
+        if case is None or result is None:
+            why = (report.get("skipped_cases", {}).get(case_name)
+                   or f"not measured ({case_name}: {peer})")
+            verdicts.append((UNKNOWN, text, why))
+            continue
+        value = result["median"]
+        measured = (f"{_bench.format_value(value, case['unit'])} {case['unit']} (min–max "
+                    f"{_bench.format_value(result['min'], case['unit'])}–"
+                    f"{_bench.format_value(result['max'], case['unit'])}; CPU "
+                    f"{result.get('cpu_us_per_msg', float('nan')):.3f} µs per message)")
+        verdicts.append((PASS if _compare(value, op, bound) else MISS, text, measured))
+    return verdicts
+
+
+def _judge_floors(report: _bench.Report) -> list[tuple[str, str, str]]:
+    verdicts = []
+    floors = report.get("floors")
+    for text, row, floor, op, bound in FLOOR_TARGETS:
+        if not floors:
+            verdicts.append((SKIP, text, "the C floors were not run (bench --floors DIR)"))
+            continue
+        ratio = floors["ratios"].get(row, {}).get(floor)
+        if ratio is None:
+            verdicts.append((UNKNOWN, text, f"not measured ({row} vs {floor})"))
+            continue
+        rt64 = next(case for case in report["cases"] if case["name"] == "rt64")
+        measured = (f"{ratio:.2f}× (loopfast {rt64['results'][row]['median']:.1f} µs vs C "
+                    f"{floors['results'][floor]['median']:.1f} µs)")
+        verdicts.append((PASS if _compare(ratio, op, bound) else MISS, text, measured))
+    return verdicts
+
+
 def judge(report: _bench.Report) -> list[tuple[str, str, str]]:
     """[(verdict, target text, measured text)] for every target."""
-    return _judge_ratios(report) + _judge_memory(report)
+    return (_judge_ratios(report) + _judge_absolute(report) + _judge_floors(report)
+            + _judge_memory(report))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,6 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pin", choices=_bench.PIN_MODES, default="none",
                         help="CPU placement of the two processes (see python -m loopfast bench -h)")
     parser.add_argument("--json", metavar="FILE", help="save the run's report to FILE")
+    parser.add_argument("--floors", metavar="DIR",
+                        help="also compile and run the C floors in DIR (pingpong.c, stream.c)")
     parser.add_argument("--from-json", metavar="FILE",
                         help="judge a report saved by `python -m loopfast bench --json FILE`")
     args = parser.parse_args(argv)
@@ -136,13 +210,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.from_json, encoding="utf-8") as f:
             report = json.load(f)
     else:
-        report = _bench.run(quick=args.quick, pin=args.pin)
+        report = _bench.run(quick=args.quick, pin=args.pin, floors=args.floors)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=1, ensure_ascii=False)
     print(format_report(report))
     print()
-    print("Targets (issues 2 and 4), from this one run:")
+    print("Targets (issues 2, 4 and 5), from this one run:")
     verdicts = judge(report)
     for verdict, text, measured in verdicts:
         print(f"  {verdict}  {text}: {measured}")
