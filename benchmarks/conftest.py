@@ -18,11 +18,12 @@ StartPeer = Callable[[_bench.Case, str], _bench.PeerProcess]
 @pytest.fixture
 def peer_process() -> Iterator[StartPeer]:
     """``peer_process(case, peer_name)``: a started `_bench.PeerProcess` serving `case`'s
-    payload, closed after the test. Skips the test if the case cannot run here (numpy missing)."""
+    payload, closed after the test. Skips the test if the case or the peer cannot run here (numpy
+    or pyzmq missing)."""
     started = []
 
     def start(case: _bench.Case, peer: str) -> _bench.PeerProcess:
-        reason = case.unavailable()
+        reason = case.unavailable() or _bench.PEERS[peer].unavailable()
         if reason:
             pytest.skip(reason)
         pp = _bench.PeerProcess(peer, case.size, payload=case.payload)

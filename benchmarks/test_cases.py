@@ -9,8 +9,14 @@ benchmarks/check_targets.py, not from these tables.
 The object cases (issue 4): ``numpy_object`` moves one 256 MiB float64 array per message with
 send/recv (loopfast and multiprocessing.Pipe) beside loopfast send_bytes/recv_bytes of the same
 bytes (``loopfast_bytes``); skipped when numpy is missing. ``small_object_rt`` round-trips a dict
-of 10 short fields with send/recv. Peak memory is not a pytest-benchmark figure: see
-benchmarks/check_targets.py.
+of 10 short fields with send/recv.
+
+Issue 5: round trips at 64 B, 4 KiB and 1 MiB and streams at 64 B, 4 KiB, 1 MiB and 16 MiB, each
+with loopfast.Pipe() (default busy-polling) and Pipe(spin=0), multiprocessing.connection over
+TCP and pyzmq (skipped when not installed) beside the older peers; the 64 B stream also with
+send_bytes_many/recv_bytes_many (1000 per call) and with batch() + send_bytes / recv_bytes.
+
+Peak memory is not a pytest-benchmark figure: see benchmarks/check_targets.py.
 """
 
 import itertools
@@ -25,8 +31,8 @@ CASES = [case for case in _bench.CASES.values() if case.default]
 RT_ROUNDS, RT_ITERATIONS, RT_WARMUP_ROUNDS = 40, 100, 2
 # Streams: how many messages one timed call receives, and how many calls, by case.
 # multiprocessing.Pipe moves a 256 MiB array in about a second: few of those.
-STREAM_BATCH = {"stream64": (10_000, 10), "stream1m": (100, 10), "stream16m": (8, 10),
-                "numpy_object": (1, 5)}
+STREAM_BATCH = {"stream64": (10_000, 10), "stream4k": (5000, 10), "stream1m": (100, 10),
+                "stream16m": (8, 10), "numpy_object": (1, 5)}
 
 
 def _params(kind):
@@ -69,15 +75,12 @@ def test_stream(benchmark, peer_process, case, peer):
     benchmark.group = f"{case.title} (time per {batch:,} message{'s' if batch > 1 else ''})"
     benchmark.extra_info.update(messages_per_call=batch, message_size=case.size)
     pp = peer_process(case, peer)
-    recv = _bench.receiver(pp.endpoint, case)
     op = _bench.send_op(case)
 
     def receive_batch():
         pp.request(op, batch)
-        last = None
-        for _ in range(batch):
-            last = recv()
-        return last
+        # recv_bytes_many for the send_bytes_many peer, one receive per message otherwise
+        return _bench.drain(pp.endpoint, case, batch)
 
     last = benchmark.pedantic(receive_batch, rounds=rounds, warmup_rounds=1)
     assert _bench.received_size(last) == case.size

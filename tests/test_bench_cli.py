@@ -4,6 +4,7 @@ JSON report of the documented structure. No figure is judged here (benchmarks/ d
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -15,17 +16,26 @@ from loopfast import __main__ as cli
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 MiB = 1024 * 1024
 
+HAVE_ZMQ = importlib.util.find_spec("zmq") is not None
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+ZMQ = {"zmq"} if HAVE_ZMQ else set()
+RT_PEERS = {"loopfast", "loopfast_spin0", "mp_pipe", "mp_tcp", "socket"} | ZMQ
+STREAM_PEERS = RT_PEERS | {"mp_pipe_simplex"}
 DEFAULT_CASES = {
-    "rt64": {"loopfast", "mp_pipe", "socket"},
-    "stream64": {"loopfast", "mp_pipe", "mp_pipe_simplex", "socket"},
-    "stream1m": {"loopfast", "mp_pipe", "mp_pipe_simplex", "socket"},
-    "stream16m": {"loopfast", "mp_pipe", "mp_pipe_simplex", "socket"},
+    "rt64": RT_PEERS,
+    "rt4k": RT_PEERS,
+    "rt1m": RT_PEERS,
+    "stream64": STREAM_PEERS | {"loopfast_many", "loopfast_batch"},
+    "stream4k": STREAM_PEERS,
+    "stream1m": STREAM_PEERS,
+    "stream16m": STREAM_PEERS,
     "small_object_rt": {"loopfast", "mp_pipe"},
 }
 if HAVE_NUMPY:
     DEFAULT_CASES["numpy_object"] = {"loopfast", "mp_pipe", "loopfast_bytes"}
-UNITS = {"rt64": "µs", "stream64": "msg/s", "stream1m": "GB/s", "stream16m": "GB/s",
-         "numpy_object": "GB/s", "small_object_rt": "µs"}
+UNITS = {"rt64": "µs", "rt4k": "µs", "rt1m": "µs", "stream64": "msg/s", "stream4k": "msg/s",
+         "stream1m": "GB/s", "stream16m": "GB/s", "numpy_object": "GB/s",
+         "small_object_rt": "µs"}
 # The object rows of the memory table: a float64 array through send / recv.
 OBJECT_MEMORY_ROWS = {("loopfast", "send"), ("loopfast", "recv"), ("mp_pipe", "send"),
                       ("mp_pipe", "recv")}
@@ -90,6 +100,8 @@ def test_quick_bench_json_has_every_sample_median_and_ratio(quick_run):
             assert ratio["of_medians"] == pytest.approx(
                 result["median"] / case["results"]["mp_pipe"]["median"])
             assert len(ratio["paired"]) == rounds
+            assert _positive(result["cpu_us_per_msg"])
+            assert all(_positive(run["cpu_us_per_msg"]) for run in result["runs"])
         assert case["ratios"]["mp_pipe"]["mp_pipe"]["of_medians"] == 1.0
 
 
@@ -101,7 +113,8 @@ def test_quick_bench_peers_run_in_rotated_order(quick_run):
     first_round = {peer: p[0] for peer, p in positions.items()}
     second_round = {peer: p[1] for peer, p in positions.items()}
     assert first_round != second_round
-    assert sorted(first_round.values()) == sorted(second_round.values()) == [0, 1, 2]
+    assert sorted(first_round.values()) == sorted(second_round.values()) == list(
+        range(len(RT_PEERS)))
 
 
 def test_quick_bench_json_has_memory_figures_or_says_why_not(quick_run):
@@ -211,6 +224,104 @@ def test_without_numpy_the_object_memory_rows_are_skipped_with_a_note(no_numpy_r
     assert not OBJECT_MEMORY_ROWS & set(_memory_rows(report))
     assert ("loopfast", "recv_bytes") in _memory_rows(report)
     assert "skipped the object rows" in done.stdout
+
+
+def test_quick_bench_prints_the_cpu_column_and_batched_rows(quick_run):
+    done, report = quick_run
+    assert "CPU µs" in done.stdout
+    stream64 = _case(report, "stream64")
+    for peer in ("loopfast_many", "loopfast_batch", "loopfast_spin0"):
+        assert stream64["results"][peer]["label"] in done.stdout
+    assert set(stream64["ratios"]["loopfast_batch"]) == {"mp_pipe", "mp_pipe_simplex", "socket"}
+
+
+def test_quick_bench_without_floors_has_no_floor_section(quick_run):
+    done, report = quick_run
+    assert report["floors"] is None and report["settings"]["floors"] is None
+    assert "C floor" not in done.stdout
+
+
+@pytest.mark.skipif(HAVE_ZMQ, reason="pyzmq is installed: its rows are in the run")
+def test_quick_bench_without_pyzmq_skips_it_with_a_note(quick_run):
+    done, report = quick_run
+    assert "pyzmq" in report["skipped_peers"]["zmq"]
+    assert "skipped peer zmq" in done.stdout
+
+
+NO_MATPLOTLIB = """\
+import sys
+sys.modules["matplotlib"] = None  # import matplotlib now raises ImportError
+from loopfast.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_plot_without_matplotlib_is_a_one_line_error_before_running(tmp_path):
+    png = tmp_path / "bench.png"
+    command = [sys.executable, "-c", NO_MATPLOTLIB, "bench", "--quick", "--case", "rt64",
+               "--no-memory", "--plot", str(png)]
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8",
+                          timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "matplotlib" in done.stderr and "loopfast[plot]" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "round 1/" not in done.stderr
+    assert not png.exists()
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plot_writes_a_png(tmp_path):
+    png = tmp_path / "bench.png"
+    command = [sys.executable, "-m", "loopfast", "bench", "--quick", "--rounds", "1",
+               "--case", "rt64", "--case", "stream64", "--no-memory", "--plot", str(png)]
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8",
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_floors_directory_without_the_programs_is_refused(tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--case", "rt64", "--no-memory",
+                     "--floors", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "pingpong.c" in err and "stream.c" in err
+
+
+FAKE_PINGPONG = r"""#include <stdio.h>
+int main(int argc, char **argv) {
+    printf("spin=%s size=%s rtt median %s.5 us p99 9.9 us\n", argv[1], argv[2], argv[1]);
+    return argc == 4 ? 0 : 2;
+}
+"""
+FAKE_STREAM = r"""#include <stdio.h>
+int main(int argc, char **argv) {
+    printf("size=%s batch=%s 1234567 msg/s 2.500 GB/s\n", argv[1], argv[3]);
+    return argc == 4 ? 0 : 2;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
+def test_floors_are_compiled_run_and_reported(tmp_path):
+    """Stand-in floor programs that print the real ones' lines: compiled, run every round,
+    parsed, and set beside loopfast's 64 B round trip."""
+    (tmp_path / "pingpong.c").write_text(FAKE_PINGPONG)
+    (tmp_path / "stream.c").write_text(FAKE_STREAM)
+    path = tmp_path / "report.json"
+    command = [sys.executable, "-m", "loopfast", "bench", "--quick", "--rounds", "2",
+               "--case", "rt64", "--no-memory", "--floors", str(tmp_path), "--json", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8",
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    floors = json.loads(path.read_text(encoding="utf-8"))["floors"]
+    results = floors["results"]
+    assert results["rt64_spin"]["samples"] == [1.5, 1.5]
+    assert results["rt64_block"]["median"] == 0.5
+    assert results["stream64_b1000"]["median"] == 1234567
+    assert results["stream1m"]["unit"] == "GB/s" and results["stream1m"]["median"] == 2.5
+    assert set(floors["ratios"]) == {"loopfast", "loopfast_spin0"}
+    assert "C floor" in done.stdout and "the busy-polling floor" in done.stdout
 
 
 def test_unknown_case_is_refused_before_running(capsys):
