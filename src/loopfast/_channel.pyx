@@ -485,6 +485,9 @@ cdef class Channel:
                 if rc > 0:
                     self._spin_backoff = 0
                     return 0
+                # A signal that arrived while spinning interrupted no syscall: run its handler
+                # now (Ctrl-C raises here), or the blocking wait below would sleep through it.
+                PyErr_CheckSignals()
                 if rc == SPIN_CONTENDED:
                     # The peer shares this CPU: sleep instead for the next waits (8, 16, ... up
                     # to 1024 of them), then try spinning again in case it moved.
