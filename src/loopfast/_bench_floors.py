@@ -82,6 +82,11 @@ class FloorRunner:
         self._tmp: Optional[tempfile.TemporaryDirectory[str]] = None
         self.binaries: dict[str, str] = {}
         self.samples: dict[str, list[float]] = {floor.name: [] for floor in FLOORS}
+        # The CPUs before the bench pins itself (--pin): the floor programs fork their own two
+        # processes and must not inherit a single pinned CPU (a busy-polling ping-pong on one
+        # CPU never finishes).
+        self.cpus: Optional[set[int]] = (
+            os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None)
 
     def __enter__(self) -> FloorRunner:
         missing = [f"{p}.c" for p in ("pingpong", "stream")
@@ -115,7 +120,8 @@ class FloorRunner:
         command = self.command(floor)
         try:
             done = subprocess.run(command, capture_output=True, text=True,
-                                  timeout=FLOOR_TIMEOUT, check=False)
+                                  timeout=FLOOR_TIMEOUT, check=False,
+                                  preexec_fn=self._unpin if self.cpus is not None else None)
         except subprocess.TimeoutExpired:
             raise FloorError(f"{floor.program} did not finish in {FLOOR_TIMEOUT:g} s") from None
         if done.returncode != 0:
@@ -130,6 +136,10 @@ class FloorRunner:
             if match:
                 return float(match.group(1 if floor.unit == "msg/s" else 2))
         raise FloorError(f"unexpected output from {' '.join(command)}: {done.stdout.strip()!r}")
+
+    def _unpin(self) -> None:
+        if self.cpus is not None:
+            os.sched_setaffinity(0, self.cpus)
 
     def run_all(self) -> dict[str, float]:
         """Every floor once; returns this round's figures."""
