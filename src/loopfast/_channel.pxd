@@ -83,6 +83,7 @@ cdef class Channel:
     cdef int _check_readable(self) except -1
     cdef int _check_writable(self) except -1
     cdef int _wait(self, short events, int64_t deadline) except -1
+    cdef void _make_room(self) noexcept
     cdef int _fill(self, int64_t deadline) except -1
     cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1
     cdef str _header_error(self)

@@ -523,19 +523,24 @@ cdef class Channel:
 
     # ---- receiving ----------------------------------------------------------------------------
 
+    cdef void _make_room(self) noexcept:
+        """Before a recv() into the receive buffer: start over when it is empty, or move the
+        unconsumed bytes to the front when less than a quarter is free at the end. Any frame
+        kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE (or, for an object message,
+        its header and size table), well under 3/4 of it, so afterwards there is room."""
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif self._rstart > 0 and self._rcap - self._rend < self._rcap // 4:
+            memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
+            self._rend -= self._rstart
+            self._rstart = 0
+
     cdef int _fill(self, int64_t deadline) except -1:
         """Receive at least one more byte into the receive buffer."""
         cdef Py_ssize_t n
         cdef int err
         cdef bint waited
-        if self._rstart == self._rend:
-            self._rstart = self._rend = 0
-        elif self._rstart > 0 and self._rcap - self._rend < self._rcap // 4:
-            # Any frame kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE, well under
-            # 3/4 of it, so after this move there is always room to receive into.
-            memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
-            self._rend -= self._rstart
-            self._rstart = 0
+        self._make_room()
         if self._fd == LF_INVALID_SOCKET:
             raise OSError("handle is closed")
         while True:
@@ -831,12 +836,7 @@ cdef class Channel:
         """One nonblocking recv() into the receive buffer: True if it brought data. End of
         stream and errors are left for the next receive to report."""
         cdef Py_ssize_t n
-        if self._rstart == self._rend:
-            self._rstart = self._rend = 0
-        elif self._rcap - self._rend < self._rcap // 4:
-            memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
-            self._rend -= self._rstart
-            self._rstart = 0
+        self._make_room()
         if self._rend == self._rcap:
             return False
         n = lf_recv(self._fd, self._rbuf + self._rend, <size_t>(self._rcap - self._rend))

@@ -574,17 +574,21 @@ class Channel:
 
     # ---- receiving -------------------------------------------------------------------------------
 
-    def _fill(self, deadline):
-        """Receive at least one more byte into the receive buffer."""
+    def _make_room(self):
+        """Before a recv into the receive buffer: start over when it is empty, or move the
+        unconsumed bytes to the front when less than a quarter is free at the end. Any frame
+        kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE (so is the header and size
+        table of an object message), well under 3/4 of it, so afterwards there is room."""
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
         elif self._rstart > 0 and RECV_BUFFER_SIZE - self._rend < RECV_BUFFER_SIZE // 4:
-            # Any frame kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE (so is the
-            # header and size table of an object message), well under 3/4 of it, so after this
-            # move there is always room to receive into.
             kept = self._rend - self._rstart
             self._rview[:kept] = self._rview[self._rstart:self._rend]
             self._rstart, self._rend = 0, kept
+
+    def _fill(self, deadline):
+        """Receive at least one more byte into the receive buffer."""
+        self._make_room()
         while True:
             sock = self._sock
             if sock is None:
@@ -851,12 +855,7 @@ class Channel:
     def _fill_nowait(self):
         """One nonblocking recv() into the receive buffer: True if it brought data. End of
         stream and errors are left for the next receive to report."""
-        if self._rstart == self._rend:
-            self._rstart = self._rend = 0
-        elif RECV_BUFFER_SIZE - self._rend < RECV_BUFFER_SIZE // 4:
-            kept = self._rend - self._rstart
-            self._rview[:kept] = self._rview[self._rstart:self._rend]
-            self._rstart, self._rend = 0, kept
+        self._make_room()
         if self._rend == RECV_BUFFER_SIZE or self._sock is None:
             return False
         try:
