@@ -357,7 +357,8 @@ def _zmq_endpoint(end: End, max_size: int) -> Endpoint:
                 got: bytes = zrecv()
                 return got
             frame: zmq.Frame = zrecv(copy=False)
-            return frame.buffer
+            buffer: memoryview = frame.buffer  # typed here: without pyzmq installed it is Any
+            return buffer
         except zmq.Again:
             raise TimeoutError("pyzmq: no message within the limit") from None
 
