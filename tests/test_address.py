@@ -97,7 +97,7 @@ def _ipv6_loopback_available():
         return False
 
 
-# ---- non-loopback hosts ---------------------------------------------------------------------------
+# ---- non-loopback hosts -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("opener", OPENERS, ids=str)
@@ -163,7 +163,7 @@ def test_unsupported_family_refused_by_pipe(no_traffic, family):
         loopfast.Pipe(family=family)
 
 
-# ---- malformed addresses --------------------------------------------------------------------------
+# ---- malformed addresses ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("opener", OPENERS, ids=str)
@@ -188,7 +188,7 @@ def test_family_mismatch_is_refused(no_traffic, opener, host, family):
     assert no_traffic.sockets == []
 
 
-# ---- loopback addresses that are accepted ---------------------------------------------------------
+# ---- loopback addresses that are accepted -------------------------------------------------------
 
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "127.255.255.254"])
@@ -196,7 +196,8 @@ def test_any_127_8_address_is_accepted(host):
     with loopfast.Listener((host, 0)) as listener:
         assert listener.address[0] == host
         assert listener.address[1] > 0
-        client, server = _connected_pair(listener, lambda: loopfast.Client(listener.address, timeout=10))
+        client, server = _connected_pair(
+            listener, lambda: loopfast.Client(listener.address, timeout=10))
         with client, server:
             client.send_bytes(b"ping")
             assert server.recv_bytes(timeout=10) == b"ping"

@@ -72,11 +72,11 @@ def _both_sides(listener, connect):
         future = pool.submit(connect)
         try:
             server = listener.accept()
-        except Exception as exc:  # noqa: BLE001 (recorded)
+        except Exception as exc:
             server = exc
         try:
             client = future.result(timeout=30)
-        except Exception as exc:  # noqa: BLE001 (recorded)
+        except Exception as exc:
             client = exc
     return client, server
 
@@ -204,7 +204,7 @@ def _raw_attack(listener, build):
         raw.sendall(build(listener_hello))
         try:
             return accepting.result(timeout=30)
-        except Exception as exc:  # noqa: BLE001 (recorded)
+        except Exception as exc:
             return exc
 
 
@@ -375,7 +375,7 @@ def _serve_once(authkey, report):
                 message = channel.recv(timeout=30)
                 channel.send(("echo", message))
                 report.send(("ok", message))
-        except Exception as exc:  # noqa: BLE001 (recorded)
+        except Exception as exc:
             report.send(("error", type(exc).__name__))
     report.close()
 
@@ -393,7 +393,7 @@ def _with_child_listener(listener_key, client_key):
             with loopfast.Client(address, authkey=client_key, timeout=30) as channel:
                 channel.send("hello")
                 client = channel.recv(timeout=30)
-        except Exception as exc:  # noqa: BLE001 (recorded)
+        except Exception as exc:
             client = exc
         assert reader.poll(60), "the child did not report the outcome"
         server = reader.recv()
@@ -424,7 +424,7 @@ def test_authkey_on_client_only_across_processes_fails_on_both_sides():
     assert server == ("error", "AuthenticationError")
 
 
-# ---- Pipe(): the two ends belong to each other ----------------------------------------------------
+# ---- Pipe(): the two ends belong to each other --------------------------------------------------
 
 
 def _names(channel):

@@ -85,7 +85,7 @@ def test_recv_bytes_many_respects_max_messages(pipe):
     got = b.recv_bytes_many(max_messages=4, timeout=TIMEOUT)
     assert 1 <= len(got) <= 4
     rest = _receive(b, 10 - 1 - len(got))
-    assert [b"0"] + got + rest == [b"%d" % i for i in range(10)]
+    assert [b"0", *got, *rest] == [b"%d" % i for i in range(10)]
     with pytest.raises(ValueError):
         b.recv_bytes_many(max_messages=0)
 

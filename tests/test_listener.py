@@ -96,7 +96,7 @@ def test_two_listeners_get_different_ports():
         assert a.address[1] != b.address[1]
 
 
-# ---- accept / last_accepted -----------------------------------------------------------------------
+# ---- accept / last_accepted ---------------------------------------------------------------------
 
 
 def test_accept_returns_channel_connected_to_the_client():
@@ -151,7 +151,7 @@ def test_last_accepted_over_ipv6_is_a_two_tuple():
             assert listener.last_accepted == ("::1", _names(client)[0][1])
 
 
-# ---- close / context manager ----------------------------------------------------------------------
+# ---- close / context manager --------------------------------------------------------------------
 
 
 def test_accept_after_close_raises_oserror():
@@ -193,7 +193,7 @@ def test_accepted_channel_outlives_listener():
         _assert_talks(client, server)
 
 
-# ---- backlog --------------------------------------------------------------------------------------
+# ---- backlog ------------------------------------------------------------------------------------
 
 
 def test_backlog_queues_several_clients_before_accept():
@@ -244,7 +244,7 @@ def test_several_clients_connecting_concurrently_are_all_served():
             channel.close()
 
 
-# ---- Client and Channel.connect -------------------------------------------------------------------
+# ---- Client and Channel.connect -----------------------------------------------------------------
 
 CONNECTORS = {
     "Client": lambda address: loopfast.Client(address),

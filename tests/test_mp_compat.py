@@ -205,7 +205,7 @@ def test_one_way_pipe_positional_duplex_argument():
 def _outcome(call, compare_message=True):
     try:
         result = call()
-    except Exception as exc:  # noqa: BLE001 (recorded)
+    except Exception as exc:
         kind = next(cls for cls in type(exc).__mro__
                     if cls.__module__ in ("builtins", "multiprocessing.context"))
         return (kind.__name__, str(exc) if compare_message else None)
@@ -385,7 +385,8 @@ def _eof(pipe):
 
 def _unpicklable(pipe):
     a, b = pipe()
-    local = lambda: None
+    def local():
+        return None
     return [_outcome(lambda: a.send(local), compare_message=False),
             _outcome(lambda: a.send("fine")), _outcome(lambda: b.recv())]
 

@@ -86,7 +86,7 @@ class Background:
     def _run(self, fn, args, kwargs):
         try:
             self._result = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread by result()
+        except BaseException as exc:
             self._error = exc
 
     def result(self, timeout=JOIN_TIMEOUT):
@@ -127,7 +127,7 @@ def socket_buffer_bound():
     return max(32 * MiB, 4 * total)
 
 
-# ---- fixtures --------------------------------------------------------------------------------------
+# ---- fixtures -----------------------------------------------------------------------------------
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def impl(request):
@@ -156,9 +156,9 @@ def pair(make_pair):
     return make_pair()
 
 
-# ==== Part 1: the same behaviours on both implementations ==========================================
+# ==== Part 1: the same behaviours on both implementations ========================================
 
-# ---- messages ----------------------------------------------------------------------------------------
+# ---- messages -----------------------------------------------------------------------------------
 
 # Around the thresholds both implementations share: 8 KiB (a frame sent as one contiguous send),
 # 64 KiB (a payload read straight into its final object), 256 KiB (the receive buffer).
@@ -255,7 +255,7 @@ def _recv_exactly(sock, size):
     return bytes(received)
 
 
-# ---- recv_bytes_into: BufferTooShort ------------------------------------------------------------------
+# ---- recv_bytes_into: BufferTooShort ------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [10, 200 * KiB])
 def test_a_message_too_long_for_the_buffer_raises_buffer_too_short_with_all_of_it(pair, size):
@@ -270,7 +270,7 @@ def test_a_message_too_long_for_the_buffer_raises_buffer_too_short_with_all_of_i
     sender.result()
 
 
-# ---- maxlength ---------------------------------------------------------------------------------------
+# ---- maxlength ----------------------------------------------------------------------------------
 
 def test_a_message_longer_than_maxlength_stops_a_duplex_channel_reading(pair):
     a, b = pair
@@ -296,7 +296,7 @@ def test_a_message_of_exactly_maxlength_is_received(pair):
     assert b.recv_bytes(10, timeout=TIMEOUT) == b"x" * 10
 
 
-# ---- timeouts leave the stream intact ------------------------------------------------------------------
+# ---- timeouts leave the stream intact -----------------------------------------------------------
 
 def test_a_receive_times_out_when_nothing_arrives(pair):
     a, b = pair
@@ -429,7 +429,7 @@ def test_a_send_timing_out_while_flushing_says_this_message_was_not_sent(pair, i
     assert "this message was not sent" in str(error)
 
 
-# ---- end of stream and protocol errors -------------------------------------------------------------------
+# ---- end of stream and protocol errors ----------------------------------------------------------
 
 def test_the_peer_closing_between_messages_is_eof(pair):
     a, b = pair
@@ -494,7 +494,7 @@ def test_without_a_limit_an_impossible_length_is_still_refused(make_pair):
         b.recv_bytes(timeout=TIMEOUT)
 
 
-# ---- poll and _has_message ---------------------------------------------------------------------------
+# ---- poll and _has_message ----------------------------------------------------------------------
 
 def test_poll_does_not_block_by_default_and_never_consumes(pair):
     a, b = pair
@@ -552,7 +552,7 @@ def test_has_message_reports_a_malformed_header_without_closing(pair):
         b.recv_bytes(timeout=TIMEOUT)
 
 
-# ---- waits: Ctrl-C, close from another thread ----------------------------------------------------------
+# ---- waits: Ctrl-C, close from another thread ---------------------------------------------------
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32",
                     reason="needs os.kill(SIGINT)")
@@ -580,7 +580,7 @@ def test_close_from_another_thread_wakes_a_blocked_receive(pair):
     assert not isinstance(info.value, TimeoutError)
 
 
-# ---- the socket and the object -------------------------------------------------------------------------
+# ---- the socket and the object ------------------------------------------------------------------
 
 def test_the_socket_is_nonblocking_with_tcp_nodelay(pair):
     a, _ = pair
@@ -646,7 +646,8 @@ def test_recv_bytes_into_and_send_bytes_never_copy_a_large_payload(pair):
 
 # ---- arguments both refuse ---------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"max_message_size": 1000.5}], ids=["fd", "max_message_size"])
+@pytest.mark.parametrize("options", [{}, {"max_message_size": 1000.5}],
+                         ids=["fd", "max_message_size"])
 def test_a_float_is_refused_where_an_integer_is_needed(pair, impl, options):
     a, _ = pair
     fd = os.dup(a.fileno())
@@ -679,7 +680,7 @@ def test_prefill_refuses_none(pair, impl):
         b._prefill(None)
 
 
-# ---- the same exceptions, with the same messages ----------------------------------------------------------
+# ---- the same exceptions, with the same messages ------------------------------------------------
 
 def _closed(make):
     a, _ = make()
@@ -725,7 +726,8 @@ ERROR_CASES = {
     "malformed header": lambda make: _after(make, bytes(16)).recv_bytes(timeout=TIMEOUT),
     "over max_message_size": lambda make: _after(make, FRAME_HEADER.pack(1, 0, 0, 0, 2**40))
     .recv_bytes(timeout=TIMEOUT),
-    "longer than maxlength": lambda make: _after(make, frame(b"abc")).recv_bytes(2, timeout=TIMEOUT),
+    "longer than maxlength": lambda make: _after(make, frame(b"abc"))
+    .recv_bytes(2, timeout=TIMEOUT),
     "buffer too short": lambda make: _after(make, frame(b"abc"))
     .recv_bytes_into(bytearray(2), timeout=TIMEOUT),
     "prefill over held data": lambda make: _holding_data(make)._prefill(b"x"),
@@ -760,7 +762,7 @@ CONSTRUCTOR_CASES = {
 def _outcome(action):
     try:
         action()
-    except Exception as exc:  # noqa: BLE001 - any exception is an outcome to compare
+    except Exception as exc:
         return type(exc), str(exc)
     return None
 
@@ -794,7 +796,7 @@ def test_both_constructors_refuse_the_same_arguments(case):
     assert pure == compiled
 
 
-# ==== Part 2: a compiled end paired with a pure end ===================================================
+# ==== Part 2: a compiled end paired with a pure end ==============================================
 
 PAIRINGS = {"compiled-listener/pure-connector": (COMPILED, PURE),
             "pure-listener/compiled-connector": (PURE, COMPILED)}
