@@ -70,6 +70,7 @@ cdef enum:
     # A yield that takes longer than this (ns) means another thread ran on this CPU.
     SPIN_CONTENDED_NS = 2000
     SPIN_CONTENDED = -1000
+    SPIN_READY_SHARED = 1000
     # Socket I/O on more than this many bytes releases the GIL (a large copy into the kernel).
     RELEASE_GIL_SIZE = 64 * 1024
 
@@ -122,18 +123,22 @@ def _set_default_spin_ns(int64_t nanoseconds):
 cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns,
                            int64_t deadline) noexcept nogil:
     """poll() with a zero timeout until the socket is ready (returns > 0), the spin budget or the
-    deadline is spent (returns 0), this CPU turns out to be shared (returns SPIN_CONTENDED), or
+    deadline is spent (returns 0), this CPU turns out to be shared (returns SPIN_CONTENDED, or
+    SPIN_READY_SHARED when the socket became ready after another thread ran here), or
     poll() fails (returns < 0; the caller's blocking wait reports the error)."""
     cdef short revents = 0
     cdef int rc
     cdef int64_t now = lf_monotonic_ns()
     cdef int64_t limit = now + spin_ns
     cdef int64_t next_yield = now + SPIN_YIELD_NS
+    cdef int slow_yields = 0
     if deadline >= 0 and deadline < limit:
         limit = deadline
     while True:
         rc = lf_poll(fd, events, 0, &revents)
         now = lf_monotonic_ns()
+        if rc > 0 and slow_yields > 0:
+            return SPIN_READY_SHARED  # ready after another thread ran here: likely the peer
         if rc != 0 or now >= limit:
             return rc
         # Space the checks out: a poll() on every turn contends with the sender for the socket
@@ -141,13 +146,17 @@ cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns,
         while lf_monotonic_ns() - now < SPIN_GAP_NS:
             pass
         if now >= next_yield:
-            # Offer the CPU now and then. If the yield took long, another thread ran here (most
+            # Offer the CPU now and then. If yields take long, another thread runs here (most
             # likely the peer we wait for): spinning on a shared CPU only delays it (measured,
             # both ends on one CPU: 64 B round trip 25 us spinning vs 6 us sleeping), so stop.
+            # One slow yield is not enough: on this VM about 1 in 6,000 takes > 2 us with the
+            # CPU to itself (an interrupt, the hypervisor), which ended long spins at once.
             now = lf_monotonic_ns()
             lf_yield()
             if lf_monotonic_ns() - now > SPIN_CONTENDED_NS:
-                return SPIN_CONTENDED
+                slow_yields += 1
+                if slow_yields >= 2:
+                    return SPIN_CONTENDED
             next_yield = lf_monotonic_ns() + SPIN_YIELD_NS
 
 
@@ -482,17 +491,19 @@ cdef class Channel:
                 with nogil:
                     rc = _spin_until_ready(fd, events, spin_ns, deadline)
                 self._unblocked()
-                if rc > 0:
+                if rc > 0 and rc != SPIN_READY_SHARED:
                     self._spin_backoff = 0
                     return 0
-                # A signal that arrived while spinning interrupted no syscall: run its handler
-                # now (Ctrl-C raises here), or the blocking wait below would sleep through it.
-                PyErr_CheckSignals()
-                if rc == SPIN_CONTENDED:
+                if rc == SPIN_READY_SHARED or rc == SPIN_CONTENDED:
                     # The peer shares this CPU: sleep instead for the next waits (8, 16, ... up
                     # to 1024 of them), then try spinning again in case it moved.
                     self._spin_backoff = min(max(8, 2 * self._spin_backoff), 1024)
                     self._spin_skip = self._spin_backoff
+                    if rc == SPIN_READY_SHARED:
+                        return 0
+                # A signal that arrived while spinning interrupted no syscall: run its handler
+                # now (Ctrl-C raises here), or the blocking wait below would sleep through it.
+                PyErr_CheckSignals()
         while True:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
