@@ -13,6 +13,13 @@ import threading
 import pytest
 
 import loopfast
+from loopfast import _channel_py
+from loopfast._handshake import handshake_pair
+
+try:
+    from loopfast import _channel
+except ImportError:  # no compiled extension: only the twin can be tested
+    _channel = None
 
 # Upper bounds for waits that should normally end within milliseconds. They only stop a broken
 # test from hanging; no test outcome depends on how long anything takes.
@@ -80,6 +87,68 @@ def pipe(family):
         b.close()
 
 
+# ---- both implementations ----------------------------------------------------------------------
+
+# The Channel classes: the compiled core and its pure-Python twin. Tests of channel behaviour take
+# the `impl` fixture and run on both.
+IMPLEMENTATIONS = {"pure": _channel_py.Channel}
+if _channel is not None:
+    IMPLEMENTATIONS["compiled"] = _channel.Channel
+
+
+def connected_pair(first_cls, second_cls, first_options=None, second_options=None):
+    """Two handshaken channels over 127.0.0.1 (as connection.Pipe builds them): `first_cls` wraps
+    the accepted socket (the listener side of the handshake), `second_cls` the connecting one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        listening.settimeout(RECV_TIMEOUT)
+        connecting = socket.create_connection(listening.getsockname(), timeout=RECV_TIMEOUT)
+        try:
+            accepted, _ = listening.accept()
+        except BaseException:
+            connecting.close()
+            raise
+    try:
+        first = first_cls(accepted.fileno(), **(first_options or {}))
+    except BaseException:
+        accepted.close()
+        connecting.close()
+        raise
+    accepted.detach()
+    try:
+        second = second_cls(connecting.fileno(), **(second_options or {}))
+    except BaseException:
+        first.close()
+        connecting.close()
+        raise
+    connecting.detach()
+    handshake_pair(first, second, os.urandom(32), RECV_TIMEOUT)
+    return first, second
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def impl(request):
+    """The Channel class under test: the compiled one or the pure-Python twin."""
+    return IMPLEMENTATIONS[request.param]
+
+
+@pytest.fixture
+def make_pair(impl):
+    """make_pair(first_options, second_options) -> a connected pair of `impl` channels, closed
+    on teardown."""
+    made = []
+
+    def make(first_options=None, second_options=None):
+        pair = connected_pair(impl, impl, first_options, second_options)
+        made.extend(pair)
+        return pair
+
+    yield make
+    for channel in made:
+        channel.close()
+
+
 # ---- a hand-written peer: a raw socket that speaks the wire protocol itself ----------------------
 
 def frame(payload, kind=KIND_BYTES):
@@ -132,19 +201,23 @@ def raw_peer(family):
 # ---- background work with bounded joins ----------------------------------------------------------
 
 class Background:
-    """Run fn(*args) in a daemon thread; result() joins (bounded) and re-raises its exception."""
+    """Run fn(*args, **kwargs) in a daemon thread; result() joins (bounded) and re-raises its
+    exception."""
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn, *args, **kwargs):
         self._result = None
         self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
         self._thread.start()
 
-    def _run(self, fn, args):
+    def _run(self, fn, args, kwargs):
         try:
-            self._result = fn(*args)
+            self._result = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the test thread by result()
             self._error = exc
+
+    def done(self):
+        return not self._thread.is_alive()
 
     def result(self, timeout=JOIN_TIMEOUT):
         self._thread.join(timeout)

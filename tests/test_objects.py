@@ -28,14 +28,13 @@ import threading
 import tracemalloc
 
 import pytest
+from conftest import IMPLEMENTATIONS, Background, connected_pair
 
 import loopfast
 from loopfast import _channel, _channel_py
-from loopfast._handshake import handshake_pair
 
 COMPILED = _channel.Channel
 PURE = _channel_py.Channel
-IMPLEMENTATIONS = {"compiled": COMPILED, "pure": PURE}
 # What loopfast.implementation says in a process that uses each one.
 IMPLEMENTATION_NAMES = {"compiled": "compiled", "pure": "python"}
 
@@ -105,21 +104,6 @@ def part_sizes(wire):
 
 # ---- channels ------------------------------------------------------------------------------------
 
-def connected_pair(first_cls, second_cls, first_options=None, second_options=None):
-    """Two handshaken channels over 127.0.0.1 (as connection.Pipe builds them): `first_cls` wraps
-    the accepted socket, `second_cls` the connecting one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(1)
-        listening.settimeout(TIMEOUT)
-        connecting = socket.create_connection(listening.getsockname(), timeout=TIMEOUT)
-        accepted, _ = listening.accept()
-    first = first_cls(accepted.detach(), **(first_options or {}))
-    second = second_cls(connecting.detach(), **(second_options or {}))
-    handshake_pair(first, second, os.urandom(32), TIMEOUT)
-    return first, second
-
-
 @contextlib.contextmanager
 def channel_and_raw_socket(cls, **options):
     """A channel and a plain socket at the other end of its connection (no handshake: the
@@ -144,32 +128,6 @@ def recv_exactly(sock, size):
     return bytes(received)
 
 
-class Background:
-    """Run fn(*args, **kwargs) in a daemon thread; result() joins (bounded) and re-raises."""
-
-    def __init__(self, fn, *args, **kwargs):
-        self._result = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, args, kwargs):
-        try:
-            self._result = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the test thread by result()
-            self._error = exc
-
-    def done(self):
-        return not self._thread.is_alive()
-
-    def result(self, timeout=JOIN_TIMEOUT):
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise AssertionError(f"background thread still running after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
 def socket_buffer_bound():
     """More than the kernel can hold in the buffers of one loopback connection, so that sending
     that much to a peer that does not read must stop part-way."""
@@ -188,27 +146,6 @@ def socket_buffer_bound():
 @pytest.fixture
 def np():
     return pytest.importorskip("numpy")
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def impl(request):
-    """The Channel class under test: the compiled one or the pure-Python twin."""
-    return IMPLEMENTATIONS[request.param]
-
-
-@pytest.fixture
-def make_pair(impl):
-    """make_pair(first_options, second_options) -> a connected pair of `impl` channels."""
-    made = []
-
-    def make(first_options=None, second_options=None):
-        pair = connected_pair(impl, impl, first_options, second_options)
-        made.extend(pair)
-        return pair
-
-    yield make
-    for channel in made:
-        channel.close()
 
 
 @pytest.fixture

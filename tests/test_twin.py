@@ -22,15 +22,14 @@ import tracemalloc
 from multiprocessing.reduction import ForkingPickler
 
 import pytest
+from conftest import IMPLEMENTATIONS, Background, connected_pair
 
 from loopfast import _channel, _channel_py
 from loopfast._errors import BufferTooShort, ProtocolError
-from loopfast._handshake import handshake_pair
 from loopfast._protocol import FRAME_HEADER, KIND_BYTES, KIND_PICKLE
 
 COMPILED = _channel.Channel
 PURE = _channel_py.Channel
-IMPLEMENTATIONS = {"compiled": COMPILED, "pure": PURE}
 
 # Upper bounds that only stop a broken test from hanging.
 TIMEOUT = 30.0
@@ -43,60 +42,6 @@ MiB = 1024 * KiB
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def connected_pair(first_cls, second_cls, first_options=None, second_options=None):
-    """Two handshaken channels over 127.0.0.1: `first_cls` wraps the accepted socket (the
-    listener side of the handshake), `second_cls` the connecting one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(1)
-        listening.settimeout(TIMEOUT)
-        connecting = socket.create_connection(listening.getsockname(), timeout=TIMEOUT)
-        try:
-            accepted, _ = listening.accept()
-        except BaseException:
-            connecting.close()
-            raise
-    try:
-        first = first_cls(accepted.fileno(), **(first_options or {}))
-    except BaseException:
-        accepted.close()
-        connecting.close()
-        raise
-    accepted.detach()
-    try:
-        second = second_cls(connecting.fileno(), **(second_options or {}))
-    except BaseException:
-        first.close()
-        connecting.close()
-        raise
-    connecting.detach()
-    handshake_pair(first, second, os.urandom(32), TIMEOUT)
-    return first, second
-
-
-class Background:
-    """Run fn(*args, **kwargs) in a daemon thread; result() joins (bounded) and re-raises."""
-
-    def __init__(self, fn, *args, **kwargs):
-        self._result = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, args, kwargs):
-        try:
-            self._result = fn(*args, **kwargs)
-        except BaseException as exc:
-            self._error = exc
-
-    def result(self, timeout=JOIN_TIMEOUT):
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise AssertionError(f"background thread still running after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
 
 _POOL = random.Random(20261126).randbytes(4 * MiB)
 
@@ -128,28 +73,6 @@ def socket_buffer_bound():
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def impl(request):
-    """The Channel class under test: the compiled one or the pure-Python twin."""
-    return IMPLEMENTATIONS[request.param]
-
-
-@pytest.fixture
-def make_pair(impl):
-    """make_pair(first_options, second_options) -> a connected pair of `impl` channels, closed
-    on teardown."""
-    made = []
-
-    def make(first_options=None, second_options=None):
-        a, b = connected_pair(impl, impl, first_options, second_options)
-        made.extend((a, b))
-        return a, b
-
-    yield make
-    for channel in made:
-        channel.close()
-
 
 @pytest.fixture
 def pair(make_pair):
