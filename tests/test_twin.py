@@ -352,6 +352,61 @@ def test_a_send_timing_out_while_flushing_says_this_message_was_not_sent(pair, i
     assert "this message was not sent" in str(error)
 
 
+def test_flush_writes_the_rest_of_a_timed_out_send_without_a_new_message(pair):
+    a, b = pair
+    big = _fill_the_socket_buffers(a)
+    assert 0 < a.unsent_bytes < len(big) + FRAME_HEADER.size
+    receiver = Background(b.recv_bytes, timeout=TIMEOUT)
+    a.flush(timeout=TIMEOUT)
+    assert a.unsent_bytes == 0
+    assert receiver.result() == big
+    assert not b.poll(0.05)  # nothing but that message
+
+
+def test_a_flush_that_times_out_keeps_the_rest_queued(pair):
+    a, b = pair
+    big = _fill_the_socket_buffers(a)
+    left = a.unsent_bytes
+    with pytest.raises(TimeoutError, match=r"^timed out flushing; \d+ bytes are still queued$") \
+            as info:
+        a.flush(timeout=0)
+    assert int(str(info.value).split()[3]) == a.unsent_bytes
+    assert 0 < a.unsent_bytes <= left  # a few more bytes may have fit into the socket
+    receiver = Background(lambda: [b.recv_bytes(timeout=TIMEOUT) for _ in range(2)])
+    a.send_bytes(b"next", timeout=TIMEOUT)
+    assert receiver.result() == [big, b"next"]
+
+
+def test_flush_sends_what_an_open_batch_gathered(pair):
+    a, b = pair
+    with a.batch():
+        a.send_bytes(b"one")
+        a.send_bytes(b"two")
+        assert a.unsent_bytes == 2 * (FRAME_HEADER.size + 3)
+        assert not b.poll(0.05)
+        a.flush(timeout=TIMEOUT)
+        assert a.unsent_bytes == 0
+        assert [b.recv_bytes(timeout=TIMEOUT) for _ in range(2)] == [b"one", b"two"]
+        a.send_bytes(b"three")
+    assert b.recv_bytes(timeout=TIMEOUT) == b"three"
+
+
+def test_flush_with_nothing_queued_returns_at_once(pair):
+    a, _ = pair
+    assert a.unsent_bytes == 0
+    a.flush(timeout=0)
+    assert a.unsent_bytes == 0
+
+
+def test_flush_on_a_read_only_end_is_refused(make_pair):
+    reader, _ = make_pair({"writable": False})
+    with pytest.raises(OSError, match="^connection is read-only$"):
+        reader.flush()
+    reader.close()
+    with pytest.raises(OSError, match="^handle is closed$"):
+        reader.flush()
+
+
 # ---- end of stream and protocol errors ----------------------------------------------------------
 
 def test_the_peer_closing_between_messages_is_eof(pair):

@@ -100,6 +100,7 @@ cdef class Channel:
     cdef int _flush_pending_sends(self, int64_t deadline) except -1
     cdef int _reserve_batch(self, Py_ssize_t extra) except -1
     cdef int _flush_batch(self, int64_t deadline) except -1
+    cdef Py_ssize_t _unsent(self)
     cdef int _end_batch(self, object timeout) except -1
     cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,

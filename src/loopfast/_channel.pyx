@@ -1120,6 +1120,34 @@ cdef class Channel:
         self._check_writable()
         return _Batch(self, timeout)
 
+    def flush(self, *, timeout=None):
+        """Write what earlier sends left queued: the rest of a message whose send timed out part
+        of the way, and the frames gathered so far by an open batch(). TimeoutError if the
+        deadline passes first; what is still unsent stays queued, in order."""
+        self._check_writable()
+        cdef int64_t deadline = _deadline(timeout)
+        _lock(self._send_lock)
+        try:
+            try:
+                self._flush_pending_sends(deadline)
+            except TimeoutError:
+                raise TimeoutError(f"timed out flushing; {self._unsent()} bytes are still "
+                                   "queued") from None
+        finally:
+            PyThread_release_lock(self._send_lock)
+
+    @property
+    def unsent_bytes(self):
+        """How many bytes that sends accepted are queued here, not yet written to the socket (the
+        rest of a timed-out send, an open batch's frames). flush() writes them."""
+        return self._unsent()
+
+    cdef Py_ssize_t _unsent(self):
+        cdef Py_ssize_t n = self._batch_len
+        if self._send_rest is not None:
+            n += PyBytes_GET_SIZE(self._send_rest)
+        return n
+
     cdef int _end_batch(self, object timeout) except -1:
         _lock(self._send_lock)
         try:

@@ -1087,6 +1087,26 @@ class Channel:
         self._check_writable()
         return _Batch(self, timeout)
 
+    def flush(self, *, timeout=None):
+        """Write what earlier sends left queued: the rest of a message whose send timed out part
+        of the way, and the frames gathered so far by an open batch(). TimeoutError if the
+        deadline passes first; what is still unsent stays queued, in order."""
+        self._check_writable()
+        deadline = _deadline(timeout)
+        with self._send_lock:
+            try:
+                self._flush_pending_sends(deadline)
+            except TimeoutError:
+                raise TimeoutError(f"timed out flushing; {self.unsent_bytes} bytes are still "
+                                   "queued") from None
+
+    @property
+    def unsent_bytes(self):
+        """How many bytes that sends accepted are queued here, not yet written to the socket (the
+        rest of a timed-out send, an open batch's frames). flush() writes them."""
+        rest = self._send_rest
+        return len(self._batch) + (len(rest) if rest is not None else 0)
+
     def _end_batch(self, timeout):
         with self._send_lock:
             self._batch_depth -= 1
