@@ -2,8 +2,11 @@
 
     python -m loopfast bench [--quick] [--json FILE] [--plot FILE.png] [--floors DIR]
         loopfast beside its peers (and the C floors), one table
+    python -m loopfast doctor [--json] [--port N] [--timeout S] [--strict]
+        what works on loopback here, what does not and why, and what decides the speed
 
-The measuring is in _bench.py; this file parses arguments and prints the report as tables.
+The measuring is in _bench.py, the diagnosis in _doctor.py; this file parses arguments and prints
+the reports.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 import textwrap
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import _bench, _bench_floors, _bench_plot
+from . import _bench, _bench_floors, _bench_plot, _doctor
 from ._bench import MiB, Report, format_size, format_value
 
 
@@ -59,6 +62,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         _bench_plot.write_plot(report, args.plot)
         print(f"loopfast bench: wrote the plot to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    report = _doctor.run(port=args.port, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+    else:
+        print(_doctor.format_text(report))
+    return _doctor.exit_status(report, strict=args.strict)
 
 
 # ---- the report as text ------------------------------------------------------------------------
@@ -214,6 +226,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a TCP port number, 1..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a number of seconds > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopfast",
@@ -255,6 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the peak-memory measurement")
     bench.add_argument("--list", action="store_true", help="list the cases and peers, and exit")
     bench.set_defaults(handler=_run_bench)
+
+    doctor = commands.add_parser(
+        "doctor", help="diagnose loopback trouble and show what decides loopfast's speed here",
+        description="Check that loopfast works over 127.0.0.1 and ::1 (bind, connect, "
+                    "handshake, round trip), what 'localhost' resolves to, and optionally what "
+                    "answers on a given port (refused, dropped, reset, listening; loopfast or "
+                    "not); show the machine's facts that decide loopfast's speed (usable CPUs, "
+                    "busy-polling, socket buffer limits, ephemeral ports) and measure the 64 B "
+                    "round trip. Talks to 127.0.0.1 and ::1 only. Exit status: 0 healthy "
+                    "(warnings allowed), 1 an error (or a warning with --strict), 2 usage.")
+    doctor.add_argument("--json", action="store_true",
+                        help="print one JSON object (machine facts and the checks) instead of "
+                             "the list")
+    doctor.add_argument("--port", type=_port, metavar="N",
+                        help="also check TCP port N on 127.0.0.1 and ::1: refused, dropped "
+                             "(timed out), reset or listening, and whether a loopfast listener "
+                             "answers (nothing is sent to it)")
+    doctor.add_argument("--timeout", type=_seconds, default=_doctor.DEFAULT_TIMEOUT,
+                        metavar="S",
+                        help="seconds to wait for each connection and answer (default: "
+                             f"{_doctor.DEFAULT_TIMEOUT:g})")
+    doctor.add_argument("--strict", action="store_true",
+                        help="exit with status 1 on warnings too")
+    doctor.set_defaults(handler=_run_doctor)
     return parser
 
 
