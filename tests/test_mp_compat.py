@@ -2,6 +2,7 @@
 either module, loopfast's exceptions are caught by multiprocessing's except clauses, and misuse
 raises the same exception types with the same messages as a real multiprocessing.Pipe."""
 
+import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -418,7 +419,26 @@ SCENARIOS = [
 ]
 
 
+@contextlib.contextmanager
+def _closing_all(pipe):
+    """`pipe`, made to remember the ends it creates, which are closed on exit."""
+    made = []
+
+    def tracked(*args, **kwargs):
+        ends = pipe(*args, **kwargs)
+        made.extend(ends)
+        return ends
+
+    try:
+        yield tracked
+    finally:
+        for end in made:
+            end.close()
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_same_behaviour_as_multiprocessing_pipe(scenario):
-    expected = scenario(multiprocessing.Pipe)
-    assert scenario(loopfast.Pipe) == expected
+    with _closing_all(multiprocessing.Pipe) as pipe:
+        expected = scenario(pipe)
+    with _closing_all(loopfast.Pipe) as pipe:
+        assert scenario(pipe) == expected
