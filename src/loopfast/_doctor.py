@@ -20,6 +20,7 @@ import os
 import platform
 import socket
 import statistics
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -248,12 +249,13 @@ def check_localhost(resolver: Optional[Resolver] = None,
         hosts = _hosts_lines(hosts_file)
         details["refusal"] = str(exc)
         details["hosts_file"] = {"path": hosts_file, "lines": hosts}
-        where = f"; {hosts_file}: " + " | ".join(hosts) if hosts else ""
+        where = f". Lines of {hosts_file} that name localhost: " + " | ".join(hosts) \
+            if hosts else ""
         return Check("localhost", "localhost", WARNING,
                      f"'localhost' resolves to {mapping}: loopfast refuses it",
                      "loopfast only uses loopback addresses, so ('localhost', port) raises "
                      "ValueError here: use 127.0.0.1 or ::1, or map localhost to 127.0.0.1 and "
-                     f"::1 only in {hosts_file}{where}", details)
+                     f"::1 only{where}", details)
     details["accepted_by_loopfast"] = True
     details["uses"] = sockaddr[0]
     return Check("localhost", "localhost", OK,
@@ -364,14 +366,12 @@ def _port_check(probe: Dict[str, Any], other: Optional[Dict[str, Any]], timeout:
         return Check(name, where, WARNING, text,
                      "a loopfast Listener sends its 48-byte hello as soon as its accept() runs: "
                      "this is another kind of service, or a loopfast Listener that is not "
-                     "calling accept() (busy, or its backlog is full)"
-                     + _ephemeral_note(port, ephemeral), probe)
+                     "calling accept() (busy, or its backlog is full)", probe)
     if outcome == "refused":
         if other_where is not None:
-            return Check(name, where, WARNING,
-                         f"connection refused, but {other_where} is listening",
-                         f"the service listens on {other_where} only: connect to that address",
-                         probe)
+            return Check(name, where, OK,
+                         f"connection refused: the service listens on {other_where} only",
+                         f"connect to {other_where} (a Listener binds one address)", probe)
         return Check(name, where, ERROR, "connection refused: nothing is listening there",
                      "start the service, or check the port number (a Listener bound to port 0 "
                      "gets a new port on every start: read it from listener.address)"
@@ -405,7 +405,8 @@ def _port_check(probe: Dict[str, Any], other: Optional[Dict[str, Any]], timeout:
 def _ephemeral_note(port: int, ephemeral: Optional[Tuple[int, int]]) -> str:
     if ephemeral is not None and ephemeral[0] <= port <= ephemeral[1]:
         return (f"; note: port {port} is inside the ephemeral range {ephemeral[0]}-"
-                f"{ephemeral[1]}, which outgoing connections also use, so it can be taken")
+                f"{ephemeral[1]}, where outgoing connections take their ports: a service that "
+                f"binds a fixed port there can find it taken")
     return ""
 
 
@@ -726,7 +727,10 @@ def format_text(report: Dict[str, Any]) -> str:
         lines.append(f"{check['status'].upper():<8} {check['title']:<{width}}  "
                      f"{check['message']}")
         if check["hint"] and check["status"] != OK:
-            lines.append(f"{'':<8} {'':<{width}}  hint: {check['hint']}")
+            indent = " " * (width + 11)
+            lines += textwrap.wrap(f"hint: {check['hint']}", width=max(100, width + 51),
+                                   initial_indent=indent, subsequent_indent=indent + "      ",
+                                   break_on_hyphens=False, break_long_words=False)
     counts = report["counts"]
     verdict = {OK: "healthy", WARNING: "healthy, with warnings", ERROR: "NOT healthy"}
     lines += ["", f"{verdict[report['status']]}: {counts[OK]} ok, {counts[WARNING]} "
