@@ -120,11 +120,14 @@ def test_json_has_the_machine_facts(healthy):
     if os.path.exists("/proc/sys/net/ipv4/ip_local_port_range"):
         ports = facts["ephemeral_ports"]
         assert ports["count"] == ports["high"] - ports["low"] + 1 > 0
-    for kind in ("blocking", "spinning"):
-        measured = facts["round_trip"][kind]
-        assert measured["message_size"] == 64
-        assert measured["round_trips"] > 0 and measured["median_us"] > 0
-    assert facts["round_trip"]["blocking"]["spin_us"] == 0
+    measured = facts["round_trip"]
+    kinds = ["blocking", "spinning"] if loopfast.implementation == "compiled" else ["blocking"]
+    for kind in kinds:
+        assert measured[kind]["message_size"] == 64
+        assert measured[kind]["round_trips"] > 0 and measured[kind]["median_us"] > 0
+    assert measured["blocking"]["spin_us"] == 0
+    if loopfast.implementation != "compiled":  # the twin never busy-polls
+        assert measured["spinning"] is None
 
 
 def test_doctor_contacts_loopback_addresses_only(healthy):
