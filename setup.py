@@ -22,7 +22,7 @@ else:
         extra_compile_args += ["-O0", "-g"]
     if os.environ.get("LOOPFAST_SANITIZE"):
         # AddressSanitizer + UndefinedBehaviorSanitizer; run with libasan preloaded (see
-        # .github/workflows/ci.yml, job "sanitizers").
+        # tools/sanitize.sh, which .github/workflows/ci.yml runs).
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
         extra_compile_args += sanitize
         extra_link_args += sanitize

@@ -19,14 +19,16 @@ Thread-safety contract, as these tests (and the code in _channel.pyx / _channel_
   sends of every other thread on that channel join it too and go out when the batch is flushed
   (at 64 KiB or when the last open batch ends); order is still kept. Do not hold a batch open
   while another thread waits for the answer to its own message.
-* A timeout bounds the wait for the socket, not the wait for another thread: a receive (or send)
-  with timeout=T waits, without limit, until another thread's receive (send) on the same channel
-  is done (see the xfail tests at the end).
+* A timeout bounds the whole call, the wait for another thread's receive (send) on the same
+  channel included: that wait ends in TimeoutError ("timed out waiting for another thread's
+  receive on this channel to finish") when the deadline passes. The one exception: leaving a
+  batch() block waits for the send lock without limit (its timeout bounds the final write).
 * fork(): the child gets a copy of the channel that shares the socket with the parent. Use a
   channel from one process only (or hand it over with multiprocessing, as Process arguments).
   A lock held by a parent thread at the moment of fork() stays held in the child forever: if
   another thread is inside a send or a receive on a channel when the process forks, the child
-  must not send (receive) on its copy; it would block for ever, whatever its timeout.
+  must not send (receive) on its copy; without a timeout it would block for ever (with one, it
+  raises TimeoutError).
 """
 
 import pickle
@@ -360,7 +362,7 @@ def _assert_timeout_not_held_up(channel, own_call, other_call, release):
     timer = threading.Timer(2.0, watchdog)
     timer.start()
     try:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="^timed out waiting for another thread's "):
             own_call()
         assert not fired.is_set(), "the timeout waited for the other thread's call"
     finally:
@@ -371,17 +373,12 @@ def _assert_timeout_not_held_up(channel, own_call, other_call, release):
         other.result()
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: the receive lock is taken without the "
-                   "timeout; a timed receive waits for another thread's untimed receive")
 def test_a_receive_timeout_also_bounds_the_wait_for_another_receiving_thread(make_pair):
     a, b = make_pair()
     _assert_timeout_not_held_up(
         b, lambda: b.recv_bytes(timeout=0.2), b.recv_bytes, lambda: a.send_bytes(b"x"))
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: the send lock is taken without the "
-                   "timeout; a timed send waits for another thread's send blocked on a full "
-                   "socket")
 def test_a_send_timeout_also_bounds_the_wait_for_another_sending_thread(make_pair):
     a, b = make_pair()
     big = bytes(socket_buffer_bound())

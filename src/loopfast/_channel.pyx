@@ -14,7 +14,7 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PyLockStatus,
+from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyLockStatus,
                                PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock)
 from libc.stdint cimport UINT64_MAX, uint32_t, uint64_t
@@ -193,7 +193,7 @@ cdef class _Batch:
         self.timeout = timeout
 
     def __enter__(self):
-        _lock(self.channel._send_lock)
+        _lock(self.channel._send_lock, -1, "send")
         self.channel._batch_depth += 1
         PyThread_release_lock(self.channel._send_lock)
         return self.channel
@@ -247,17 +247,29 @@ cdef extern from "pythread.h":
                                              int intr_flag) nogil
 
 
-cdef inline int _lock(PyThread_type_lock lock) except -1:
-    """Take a channel lock; wait for it with the GIL released, interruptible by Ctrl-C."""
+cdef inline int _lock(PyThread_type_lock lock, int64_t deadline, str what) except -1:
+    """Take a channel lock (another thread's send or receive holds it while it runs); wait for
+    it with the GIL released, interruptible by Ctrl-C, and no longer than the call's deadline."""
     cdef PyLockStatus status
+    cdef long long microseconds
+    cdef int64_t remaining
     if PyThread_acquire_lock(lock, NOWAIT_LOCK):
         return 0
     while True:
+        if deadline < 0:
+            microseconds = -1
+        else:
+            remaining = deadline - lf_monotonic_ns()
+            if remaining <= 0:
+                raise TimeoutError(f"timed out waiting for another thread's {what} on this "
+                                   "channel to finish")
+            microseconds = (remaining + 999) // 1000
         with nogil:
-            status = PyThread_acquire_lock_timed(lock, -1, 1)
+            status = PyThread_acquire_lock_timed(lock, microseconds, 1)
         if status == PY_LOCK_ACQUIRED:
             return 0
-        PyErr_CheckSignals()
+        if status == PY_LOCK_INTR:
+            PyErr_CheckSignals()
 
 
 cdef class Channel:
@@ -780,7 +792,7 @@ cdef class Channel:
                 raise ValueError("negative maxlength")
             c_maxlength = maxlength
         cdef int64_t deadline = _deadline(timeout)
-        _lock(self._recv_lock)
+        _lock(self._recv_lock, deadline, "receive")
         try:
             if self._next_is_object(deadline):
                 self._refuse_object()
@@ -816,7 +828,7 @@ cdef class Channel:
                 raise ValueError("max_messages must be >= 1 or None")
             limit = max_messages
         cdef int64_t deadline = _deadline(timeout)
-        _lock(self._recv_lock)
+        _lock(self._recv_lock, deadline, "receive")
         try:
             if self._next_is_object(deadline):
                 self._refuse_object()
@@ -861,7 +873,7 @@ cdef class Channel:
         cdef int kind
         self._check_readable()
         cdef int64_t deadline = _deadline(timeout)
-        _lock(self._recv_lock)
+        _lock(self._recv_lock, deadline, "receive")
         try:
             payload = self._recv_frame(deadline, -1, &kind)
         finally:
@@ -893,7 +905,7 @@ cdef class Channel:
             space = view.len - offset
             dst = <char *>view.buf + offset
             deadline = _deadline(timeout)
-            _lock(self._recv_lock)
+            _lock(self._recv_lock, deadline, "receive")
             try:
                 if self._next_is_object(deadline):
                     self._refuse_object()
@@ -1126,7 +1138,7 @@ cdef class Channel:
         deadline passes first; what is still unsent stays queued, in order."""
         self._check_writable()
         cdef int64_t deadline = _deadline(timeout)
-        _lock(self._send_lock)
+        _lock(self._send_lock, deadline, "send")
         try:
             try:
                 self._flush_pending_sends(deadline)
@@ -1149,7 +1161,9 @@ cdef class Channel:
         return n
 
     cdef int _end_batch(self, object timeout) except -1:
-        _lock(self._send_lock)
+        # The block must end whatever happens (the lock wait is not bounded); the timeout bounds
+        # the final write.
+        _lock(self._send_lock, -1, "send")
         try:
             self._batch_depth -= 1
             if self._batch_depth == 0 and self._fd != LF_INVALID_SOCKET:
@@ -1213,7 +1227,7 @@ cdef class Channel:
                     iov[niov].len = size
                     niov += 1
                 total += HEADER_SIZE + size
-            _lock(self._send_lock)
+            _lock(self._send_lock, deadline, "send")
             try:
                 self._flush_pending_sends(deadline)
                 self._send_all(iov, <int>niov, total, deadline)
@@ -1250,7 +1264,7 @@ cdef class Channel:
                     raise ValueError("size is negative")
                 if offset + size > view.len:
                     raise ValueError("buffer length < offset + size")
-            _lock(self._send_lock)
+            _lock(self._send_lock, deadline, "send")
             try:
                 self._send_frame(kind, <char *>view.buf + offset, size, deadline)
             finally:
@@ -1316,7 +1330,7 @@ cdef class Channel:
             _store_header(head, KIND_OBJECT, <uint32_t>count, total)
             iov[0].base = head
             iov[0].len = head_size
-            _lock(self._send_lock)
+            _lock(self._send_lock, deadline, "send")
             try:
                 self._flush_pending_sends(deadline)
                 self._send_all(iov, <int>(count + 2), <Py_ssize_t>(HEADER_SIZE + total), deadline)

@@ -126,6 +126,35 @@ def _deadline(timeout):
     return time.monotonic_ns() + int(seconds * 1e9)
 
 
+class _Held:
+    """A channel lock taken by _take(); released when the with block ends."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+
+
+def _take(lock, deadline, what):
+    """Take a channel lock (another thread's send or receive holds it while it runs), waiting no
+    longer than the call's deadline; interruptible by Ctrl-C. Use as `with _take(...):`."""
+    if not lock.acquire(False):
+        if deadline < 0:
+            lock.acquire()
+        else:
+            remaining = (deadline - time.monotonic_ns()) / 1e9
+            if remaining <= 0 or not lock.acquire(timeout=remaining):
+                raise TimeoutError(f"timed out waiting for another thread's {what} on this "
+                                   "channel to finish")
+    return _Held(lock)
+
+
 # ---- buffers -------------------------------------------------------------------------------------
 
 def _byte_view(obj, *, writable):
@@ -811,7 +840,7 @@ class Channel:
                 raise ValueError("negative maxlength")
             maxlength = _ssize(maxlength)
         deadline = _deadline(timeout)
-        with self._recv_lock:  # a lock wait is interruptible by Ctrl-C, as in the compiled one
+        with _take(self._recv_lock, deadline, "receive"):
             if self._next_is_object(deadline):
                 self._refuse_object()
             return self._recv_frame(deadline, maxlength)[1]
@@ -829,7 +858,7 @@ class Channel:
             if limit < 1:
                 raise ValueError("max_messages must be >= 1 or None")
         deadline = _deadline(timeout)
-        with self._recv_lock:
+        with _take(self._recv_lock, deadline, "receive"):
             if self._next_is_object(deadline):
                 self._refuse_object()
             out = [self._recv_frame(deadline, None)[1]]
@@ -869,7 +898,7 @@ class Channel:
         """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
         self._check_readable()
         deadline = _deadline(timeout)
-        with self._recv_lock:
+        with _take(self._recv_lock, deadline, "receive"):
             kind, payload = self._recv_frame(deadline, None)
         if kind == KIND_OBJECT:
             # The out-of-band buffers are writable bytearrays: a numpy array unpickled on one
@@ -895,7 +924,7 @@ class Channel:
             if offset > len(dst):
                 raise ValueError("offset too large")
             deadline = _deadline(timeout)
-            with self._recv_lock:
+            with _take(self._recv_lock, deadline, "receive"):
                 return self._recv_into(dst, offset, deadline)
         finally:
             dst.release()
@@ -1093,7 +1122,7 @@ class Channel:
         deadline passes first; what is still unsent stays queued, in order."""
         self._check_writable()
         deadline = _deadline(timeout)
-        with self._send_lock:
+        with _take(self._send_lock, deadline, "send"):
             try:
                 self._flush_pending_sends(deadline)
             except TimeoutError:
@@ -1108,6 +1137,8 @@ class Channel:
         return len(self._batch) + (len(rest) if rest is not None else 0)
 
     def _end_batch(self, timeout):
+        # The block must end whatever happens (the lock wait is not bounded); the timeout bounds
+        # the final write.
         with self._send_lock:
             self._batch_depth -= 1
             if self._batch_depth == 0 and self._sock is not None:
@@ -1137,7 +1168,7 @@ class Channel:
                     parts.append(view)
             if block:
                 parts.append(bytes(block))
-            with self._send_lock:
+            with _take(self._send_lock, deadline, "send"):
                 self._flush_pending_sends(deadline)
                 self._send_all(parts, deadline)
         finally:
@@ -1158,7 +1189,7 @@ class Channel:
                     raise ValueError("size is negative")
                 if offset + size > len(view):
                     raise ValueError("buffer length < offset + size")
-            with view[offset:offset + size] as payload, self._send_lock:
+            with view[offset:offset + size] as payload, _take(self._send_lock, deadline, "send"):
                 self._send_frame(kind, payload, deadline)
         finally:
             view.release()
@@ -1212,7 +1243,7 @@ class Channel:
         length = 8 * (count + 1) + sum(sizes)
         head = (FRAME_HEADER.pack(KIND_OBJECT, 0, 0, count, length)
                 + struct.pack(f"<{count + 1}Q", *sizes))
-        with self._send_lock:
+        with _take(self._send_lock, deadline, "send"):
             self._flush_pending_sends(deadline)
             self._send_all([head, data, *buffers], deadline)
 
