@@ -1,0 +1,293 @@
+"""The asyncio round trip: ``loopfast.aio.AsyncChannel`` beside the sync channel and asyncio
+streams.
+
+One echo peer process (fork on Linux, spawn elsewhere) serves every row: on command it echoes n
+messages on its loopfast channel (a sync ``Channel`` with ``spin=0``: it sleeps in poll() like
+the rows it serves), or accepts one TCP connection on 127.0.0.1 and echoes n messages framed with
+a 4-byte length prefix (a plain blocking socket with TCP_NODELAY). The rows, measured in this
+process in the same run, interleaved (the order rotated each round):
+
+- ``sync_spin0``: ``Channel.send_bytes`` then ``recv_bytes`` on the parent's end, ``spin=0``;
+- ``aio``: ``AsyncChannel.send_bytes`` then ``recv_bytes`` on the same end, default event loop;
+- ``aio_uvloop``: the same under uvloop (when installed);
+- ``streams``: ``asyncio.open_connection('127.0.0.1', port)``, ``writer.write(prefix + payload)``,
+  ``await writer.drain()``, ``await reader.readexactly(4)`` and ``readexactly(n)``;
+- ``streams_uvloop``: the same under uvloop.
+
+Each measurement times every round trip alone (``perf_counter_ns``) and keeps the median; a
+row's figure is the median of its measurements over the rounds, and the ratios compare those
+medians. Run it alone: ``python -m loopfast._bench_aio [--rounds N] [--count N] [--json]``;
+``run()`` is what the bench command calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import struct
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, List, Optional, TypedDict
+
+from .aio import AsyncChannel
+from .connection import Pipe
+
+if TYPE_CHECKING:
+    from ._implementation import Channel
+
+__all__ = ["ROWS", "AioReport", "format_report", "main", "run", "uvloop_unavailable"]
+
+PREFIX = struct.Struct("<I")
+ROWS = ("sync_spin0", "aio", "aio_uvloop", "streams", "streams_uvloop")
+LABELS = {
+    "sync_spin0": "loopfast Channel (sync, spin=0)",
+    "aio": "loopfast.aio AsyncChannel (asyncio loop)",
+    "aio_uvloop": "loopfast.aio AsyncChannel (uvloop)",
+    "streams": "asyncio streams, 4-byte prefix (asyncio loop)",
+    "streams_uvloop": "asyncio streams, 4-byte prefix (uvloop)",
+}
+# The longest one command of the peer may take (s); the peer is killed after it.
+COMMAND_LIMIT = 120.0
+
+
+class AioReport(TypedDict):
+    size: int
+    count: int
+    rounds: int
+    rows: Dict[str, List[float]]     # per row, each measurement's median round trip (s)
+    medians: Dict[str, float]        # per row, the median over the rounds (s)
+    ratios: Dict[str, float]         # named ratios of two medians
+    skipped: Dict[str, str]          # row -> why it was not measured
+
+
+def uvloop_unavailable() -> Optional[str]:
+    """None if uvloop can be imported, else why not."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "uvloop is not installed (pip install uvloop)"
+    return None
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+# ---- the echo peer -------------------------------------------------------------------------------
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the stream peer closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def _peer_main(channel: Channel) -> None:
+    """Serve commands from `channel` until ('stop',) or EOF."""
+    channel.spin = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        listening.settimeout(COMMAND_LIMIT)
+        channel.send(("port", listening.getsockname()[1]))
+        while True:
+            try:
+                command, n = channel.recv(timeout=COMMAND_LIMIT * 10)
+            except EOFError:
+                return
+            if command == "stop":
+                return
+            if command == "echo":
+                for _ in range(n):
+                    channel.send_bytes(channel.recv_bytes(timeout=COMMAND_LIMIT),
+                                       timeout=COMMAND_LIMIT)
+            elif command == "stream":
+                conn, _ = listening.accept()
+                with conn:
+                    conn.settimeout(COMMAND_LIMIT)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    for _ in range(n):
+                        header = _recv_exact(conn, PREFIX.size)
+                        payload = _recv_exact(conn, PREFIX.unpack(header)[0])
+                        conn.sendall(header + payload)
+                    _recv_exact(conn, 0)
+
+
+class _Peer:
+    def __init__(self) -> None:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx: Any = multiprocessing.get_context(method)
+        here, there = Pipe(spin=0)
+        self.process = ctx.Process(target=_peer_main, args=(there,), daemon=True)
+        self.process.start()
+        there.close()
+        self.channel = here
+        tag, port = here.recv(timeout=COMMAND_LIMIT)
+        assert tag == "port"
+        self.port: int = port
+
+    def command(self, op: str, n: int) -> None:
+        self.channel.send((op, n), timeout=COMMAND_LIMIT)
+
+    def close(self) -> None:
+        try:
+            self.channel.send(("stop", 0), timeout=5)
+        except OSError:
+            pass
+        self.channel.close()
+        self.process.join(COMMAND_LIMIT)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
+
+
+# ---- the rows ------------------------------------------------------------------------------------
+
+def _sync_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
+    ch = peer.channel
+    times = []
+    clock = time.perf_counter_ns
+    peer.command("echo", n)
+    for _ in range(n):
+        t0 = clock()
+        ch.send_bytes(payload)
+        ch.recv_bytes()
+        times.append(clock() - t0)
+    return times
+
+
+async def _aio_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
+    channel = AsyncChannel(peer.channel)  # a view for this loop; it is not closed here
+    times = []
+    clock = time.perf_counter_ns
+    peer.command("echo", n)
+    for _ in range(n):
+        t0 = clock()
+        await channel.send_bytes(payload)
+        await channel.recv_bytes()
+        times.append(clock() - t0)
+    return times
+
+
+async def _streams_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
+    peer.command("stream", n)
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.port)
+    times = []
+    clock = time.perf_counter_ns
+    message = PREFIX.pack(len(payload)) + payload
+    try:
+        for _ in range(n):
+            t0 = clock()
+            writer.write(message)
+            await writer.drain()
+            header = await reader.readexactly(PREFIX.size)
+            await reader.readexactly(PREFIX.unpack(header)[0])
+            times.append(clock() - t0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return times
+
+
+def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop],
+             coro: Coroutine[Any, Any, List[int]]) -> List[int]:
+    loop = factory()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, COMMAND_LIMIT))
+    finally:
+        loop.close()
+
+
+def _measure(row: str, peer: _Peer, payload: bytes, n: int) -> List[int]:
+    if row == "sync_spin0":
+        return _sync_rt(peer, payload, n)
+    factory = _uvloop_factory() if row.endswith("uvloop") else asyncio.new_event_loop
+    if row.startswith("aio"):
+        return _on_loop(factory, _aio_rt(peer, payload, n))
+    return _on_loop(factory, _streams_rt(peer, payload, n))
+
+
+def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
+        progress: Optional[Callable[[str], None]] = None) -> AioReport:
+    """Measure every row `rounds` times, interleaved; `count` timed round trips of `size` bytes
+    per measurement, after `warmup` untimed ones."""
+    skipped: Dict[str, str] = {}
+    reason = uvloop_unavailable()
+    rows = list(ROWS)
+    if reason:
+        for row in ("aio_uvloop", "streams_uvloop"):
+            skipped[row] = reason
+            rows.remove(row)
+    payload = os.urandom(size)
+    samples: Dict[str, List[float]] = {row: [] for row in rows}
+    peer = _Peer()
+    try:
+        peer.channel.spin = 0
+        for r in range(rounds):
+            order = rows[r % len(rows):] + rows[:r % len(rows)]
+            for row in order:
+                if progress:
+                    progress(f"round {r + 1}/{rounds}: {row}")
+                _measure(row, peer, payload, warmup)
+                times = _measure(row, peer, payload, count)
+                samples[row].append(statistics.median(times) / 1e9)
+    finally:
+        peer.close()
+    medians = {row: statistics.median(values) for row, values in samples.items()}
+    ratios: Dict[str, float] = {}
+
+    def ratio(name: str, top: str, bottom: str) -> None:
+        if top in medians and bottom in medians:
+            ratios[name] = medians[top] / medians[bottom]
+
+    ratio("aio / sync_spin0", "aio", "sync_spin0")
+    ratio("aio_uvloop / sync_spin0", "aio_uvloop", "sync_spin0")
+    ratio("aio / streams", "aio", "streams")
+    ratio("aio_uvloop / streams_uvloop", "aio_uvloop", "streams_uvloop")
+    ratio("aio_uvloop / streams", "aio_uvloop", "streams")
+    return {"size": size, "count": count, "rounds": rounds, "rows": samples,
+            "medians": medians, "ratios": ratios, "skipped": skipped}
+
+
+def format_report(report: AioReport) -> str:
+    lines = [f"asyncio round trip, {report['size']} B: median of {report['rounds']} "
+             f"measurements x {report['count']} round trips (echo peer: another process)"]
+    for row, median in report["medians"].items():
+        spread = report["rows"][row]
+        lines.append(f"  {LABELS[row]:<48} {median * 1e6:8.1f} us   "
+                     f"(min {min(spread) * 1e6:.1f}, max {max(spread) * 1e6:.1f})")
+    for row, why in report["skipped"].items():
+        lines.append(f"  {LABELS[row]:<48} skipped: {why}")
+    lines.append("  ratios (targets: aio / sync_spin0 <= 1.5, aio / streams < 1):")
+    for name, value in report["ratios"].items():
+        lines.append(f"    {name:<30} {value:6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loopfast._bench_aio",
+                                     description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = run(args.rounds, args.count, args.size,
+                 progress=lambda message: print(message, file=sys.stderr))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,751 @@
+"""asyncio channels: loopfast messages from coroutines, without threads.
+
+::
+
+    import loopfast.aio
+
+    async def client(address, key):
+        async with await loopfast.aio.open_channel(address, authkey=key) as channel:
+            await channel.send({"op": "ping"})
+            print(await channel.recv())
+
+    async def server(key):
+        async with await loopfast.aio.start_listener(authkey=key) as listener:
+            print("listening on", listener.address)
+            channel = await listener.accept()
+            async for message in channel:          # ends when the peer closes
+                await channel.send(message)
+
+``AsyncChannel(channel)`` wraps any existing `loopfast.Channel` (for example the parent's end of a
+``Pipe()`` whose other end a child process uses synchronously); the wire protocol is the same, so
+a sync peer and an async peer talk to each other.
+
+How it works: every operation is the core channel's own call with ``timeout=0`` (a nonblocking
+attempt that never spins and keeps the stream intact when it raises TimeoutError), retried after
+the event loop's ``add_reader`` / ``add_writer`` callback says the socket is ready. So the frames
+are encoded and parsed by the core, in its receive buffer, as for the sync API; there is no thread
+and no second protocol implementation. It needs an event loop with ``add_reader``: the default
+loop on Linux and macOS, uvloop, or ``asyncio.SelectorEventLoop`` on Windows (the Proactor loop
+has no ``add_reader``).
+
+Guarantees:
+
+- Cancellation never splits a message. A cancelled receive leaves what arrived of a message in
+  the core's buffer, and the next receive returns that message whole. A cancelled send either
+  sent nothing (it had not started: the peer never sees the message) or its frame had started, and
+  then the rest still goes out: a drain task owned by the channel writes it, and the next send
+  (and ``aclose()``) waits for that first. If the connection fails while the rest is being
+  written, the channel is closed and every later call raises OSError saying so.
+- Backpressure: a send waits (``add_writer``) while the socket's buffer is full. Nothing is
+  buffered in Python beyond the unsent rest of the one frame being written (held by the core).
+- Concurrent senders on one channel are serialized (an ``asyncio.Lock``), so frames never
+  interleave; so are concurrent receivers (each gets whole messages, in arrival order).
+
+An `AsyncChannel` belongs to the event loop that first uses it. Do not use its `.channel` from
+other threads while coroutines use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import select
+import socket
+import time
+from types import TracebackType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Coroutine,
+    Deque,
+    Dict,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+)
+
+from ._address import check_peer, resolve
+from ._handshake import CONNECTOR, LISTENER, Handshake
+from ._implementation import Channel
+from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, HELLO, PROOF_SIZE
+from .connection import Address, Serializer, _check_authkey
+from .connection import Listener as _SyncListener
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["AsyncChannel", "Listener", "open_channel", "start_listener"]
+
+_T = TypeVar("_T")
+_SelfChannel = TypeVar("_SelfChannel", bound="AsyncChannel")
+
+# While the handshake waits for the rest of a partly arrived hello or proof, how long to sleep
+# between two looks (the socket stays readable, so waiting for readability would spin).
+_PARTIAL_HANDSHAKE_POLL = 0.005
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+# Default backlog of an asyncio Listener: an async server accepts many clients.
+DEFAULT_BACKLOG = 64
+
+
+class _Readiness:
+    """Waits for one file descriptor to become readable or writable, through the event loop's
+    add_reader/add_writer (level-triggered).
+
+    Reading: the reader stays registered after it woke a waiter, so that a receive after a
+    receive (the usual case) costs no epoll_ctl() in and out; a callback that finds nobody
+    waiting unregisters it. A callback can be stale (queued by the loop's select() before the
+    woken task consumed the data), so before waking anyone it checks with poll() that the socket
+    is still readable. Writing (rare: only when the socket is full): registered per wait.
+    `close()` unregisters and wakes every waiter.
+    """
+
+    __slots__ = ("_check", "_fd", "_loop", "_readers", "_reading", "_writers", "closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._readers: List[asyncio.Future[None]] = []
+        self._writers: List[asyncio.Future[None]] = []
+        self._reading = False  # the reader callback is registered
+        self.closed = False
+        self._check: Optional[Callable[[int], List[Tuple[int, int]]]] = None
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            self._check = poller.poll
+
+    async def readable(self) -> None:
+        """Return once the descriptor is readable (or closed: the caller checks)."""
+        loop = self._loop
+        fut: asyncio.Future[None] = loop.create_future()
+        if not self._reading:
+            loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+        self._readers.append(fut)
+        try:
+            await fut
+        finally:
+            if fut in self._readers:  # not woken (cancelled): the next callback unregisters
+                self._readers.remove(fut)
+
+    async def writable(self) -> None:
+        """Return once the descriptor is writable (or closed: the caller checks)."""
+        loop = self._loop
+        fut: asyncio.Future[None] = loop.create_future()
+        waiters = self._writers
+        if not waiters:
+            loop.add_writer(self._fd, self._on_writable)
+        waiters.append(fut)
+        try:
+            await fut
+        finally:
+            if fut in self._writers:  # not woken (cancelled): unregister if it was the last
+                self._writers.remove(fut)
+                if not self._writers and not self.closed:
+                    loop.remove_writer(self._fd)
+
+    def _on_readable(self) -> None:
+        waiters = self._readers
+        if not waiters:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+            return
+        if self._check is not None and not self._check(0):
+            return  # stale: what made the socket readable was consumed meanwhile
+        self._readers = []
+        _wake(waiters)
+
+    def _on_writable(self) -> None:
+        self._loop.remove_writer(self._fd)
+        waiters, self._writers = self._writers, []
+        _wake(waiters)
+
+    def close(self) -> None:
+        """Unregister (before the descriptor is closed) and wake every waiter."""
+        if self.closed:
+            return
+        self.closed = True
+        loop = self._loop
+        if not loop.is_closed():
+            for registered, remove in ((self._reading, loop.remove_reader),
+                                       (bool(self._writers), loop.remove_writer)):
+                if registered:
+                    try:
+                        remove(self._fd)
+                    except (OSError, ValueError):  # the core already closed the descriptor
+                        pass
+        self._reading = False
+        readers, writers = self._readers, self._writers
+        self._readers, self._writers = [], []
+        _wake(readers + writers)
+
+
+def _wake(waiters: List[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+
+
+class _Gate:
+    """A first-come first-served mutex for the coroutines of one loop: taking it when it is free
+    is setting a flag (asyncio.Lock's ``async with`` costs about 1.3 us a pair here, twice per
+    round trip). Released with waiters, it passes straight to the first of them."""
+
+    __slots__ = ("_waiters", "busy")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self._waiters: Deque[asyncio.Future[None]] = collections.deque()
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until the gate is passed to this caller (call only when it is busy)."""
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed over just as this caller was cancelled: pass it on
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # still busy: now this waiter's
+                return
+        self.busy = False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.get_running_loop()
+    if not hasattr(loop, "add_reader"):  # pragma: no cover - not a selector-based loop
+        raise RuntimeError(f"loopfast.aio needs an event loop with add_reader(), not {loop!r} "
+                           "(on Windows use asyncio.SelectorEventLoop)")
+    return loop
+
+
+class AsyncChannel:
+    """An asyncio view of a `loopfast.Channel`: the same messages, awaited instead of blocked on.
+
+    ``AsyncChannel(channel)`` takes over `channel` (closing the AsyncChannel closes it). Get one
+    from `open_channel()` or `Listener.accept()`, or wrap a channel you have, such as one end of
+    ``loopfast.Pipe()``. Every method that waits is a coroutine; bound any of them with
+    ``asyncio.wait_for`` (cancelling one never splits a message, see the module docstring).
+
+    ``async for message in channel`` receives objects until the peer closes the connection;
+    ``async with channel`` closes it at the end (``aclose()``).
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._fd = channel.fileno()  # OSError for a closed channel
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._ready: Optional[_Readiness] = None
+        self._send_gate = _Gate()  # one sender at a time: frames never interleave
+        self._recv_gate = _Gate()  # one receiver at a time: each gets whole messages
+        self._drain: Optional[asyncio.Task[None]] = None
+        self._error: Optional[BaseException] = None  # why this side closed the channel
+        self._closed = False
+
+    # ---- plumbing -------------------------------------------------------------------------------
+
+    def _bind(self) -> _Readiness:
+        """The readiness waiter of the running loop (made on first use, in that loop)."""
+        loop = _running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                raise RuntimeError("this AsyncChannel is used by another event loop than the "
+                                   "one that first used it")
+            self._loop = loop
+            self._ready = _Readiness(loop, self._fd)
+        assert self._ready is not None
+        return self._ready
+
+    def _closed_error(self) -> OSError:
+        if self._error is not None:
+            err = OSError(f"the channel was closed: {self._error}")
+            err.__cause__ = self._error
+            return err
+        return OSError("handle is closed")
+
+    async def _readable(self) -> None:
+        if self._closed or self._channel.closed:
+            raise self._closed_error()
+        ready = self._ready or self._bind()
+        await ready.readable()
+        if self._closed:
+            raise OSError("handle is closed (by aclose() or close(), while this call waited)")
+
+    async def _writable(self) -> None:
+        if self._closed or self._channel.closed:
+            raise self._closed_error()
+        ready = self._ready or self._bind()
+        await ready.writable()
+        if self._closed:
+            raise OSError("handle is closed (by aclose() or close(), while this call waited)")
+
+    def _after_error(self) -> None:
+        """The core closed the channel (ProtocolError, connection lost): unregister too."""
+        if self._channel.closed and not self._closed:
+            self.close()
+
+    # ---- receiving ------------------------------------------------------------------------------
+
+    async def _receive(self, attempt: Callable[..., _T], *args: Any) -> _T:
+        """One receive: `attempt(*args, timeout=0)` (a core receive method), retried each time the
+        socket becomes readable. A cancelled wait leaves what arrived of a message in the core's
+        buffer, where the next receive resumes it."""
+        if self._closed:
+            raise self._closed_error()
+        self._ready or self._bind()
+        gate = self._recv_gate
+        if gate.busy:
+            assert self._loop is not None
+            await gate.wait(self._loop)
+        else:
+            gate.busy = True
+        try:
+            ch = self._channel
+            # A whole message already buffered: no wait and no syscall. (A channel that cannot
+            # read: the core raises the error.) Otherwise the first attempt is made only once the
+            # socket is readable: a would-block attempt costs a poll() and an exception.
+            ready = ch._has_message() or not ch.readable
+            while True:
+                if ready:
+                    try:
+                        return attempt(*args, timeout=0)
+                    except TimeoutError:
+                        pass  # a partial message: it stays in the core, resumed next time
+                    except BaseException:
+                        self._after_error()
+                        raise
+                await self._readable()
+                ready = True
+        finally:
+            gate.release()
+
+    def recv_bytes(self, maxlength: Optional[int] = None) -> Coroutine[Any, Any, bytes]:
+        """Coroutine: receive one message sent with send_bytes() and return its payload as bytes.
+
+        EOFError when the peer closed the connection between messages, ProtocolError when it
+        vanished in the middle of one or sent garbage (the channel is then closed), OSError when
+        the message is longer than `maxlength` (and the channel stops reading)."""
+        return self._receive(self._channel.recv_bytes, maxlength)
+
+    def recv(self) -> Coroutine[Any, Any, Any]:
+        """Coroutine: receive one object sent with send() (unpickled: only talk to peers you
+        trust)."""
+        return self._receive(self._channel.recv)
+
+    def recv_bytes_into(self, buf: Buffer, offset: int = 0) -> Coroutine[Any, Any, int]:
+        """Coroutine: receive one message into the writable buffer `buf` from `offset` on; return
+        its size. BufferTooShort (with the whole message as args[0]) if it does not fit."""
+        return self._receive(self._channel.recv_bytes_into, buf, offset)
+
+    async def poll(self, timeout: Optional[float] = 0.0) -> bool:
+        """Whether there is something to receive, waiting up to `timeout` seconds (None: until
+        there is). Never consumes anything."""
+        if self._channel.poll(0):
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._readable(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def __aiter__(self: _SelfChannel) -> _SelfChannel:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.recv()
+        except EOFError:
+            raise StopAsyncIteration from None
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    async def _send(self, attempt: Callable[..., None], *args: Any) -> None:
+        """One send: `attempt(*args, timeout=0)` (a core send method). Would-block with nothing
+        sent: retried once the socket is writable (cancelling then sends nothing). Would-block
+        after part of the frame went out: the core holds the rest, and a drain task writes it."""
+        if self._closed:
+            raise self._closed_error()
+        self._ready or self._bind()
+        gate = self._send_gate
+        if gate.busy:
+            assert self._loop is not None
+            await gate.wait(self._loop)
+        else:
+            gate.busy = True
+        try:
+            ch = self._channel
+            if self._drain is not None or ch.unsent_bytes:
+                await self._flush_queued()  # so that unsent_bytes == 0 tells "nothing sent"
+            while True:
+                try:
+                    attempt(*args, timeout=0)
+                    return
+                except TimeoutError:
+                    if ch.unsent_bytes:
+                        break  # the frame started: its rest is queued in the core
+                except BaseException:
+                    self._after_error()
+                    raise
+                await self._writable()  # nothing went out: try again once there is room
+            await self._flush_queued()
+        finally:
+            gate.release()
+
+    def send_bytes(self, buf: Buffer, offset: int = 0,
+                   size: Optional[int] = None) -> Coroutine[Any, Any, None]:
+        """Coroutine: send the bytes of a buffer-protocol object (bytes, bytearray, memoryview,
+        numpy) as one message; `offset` and `size` in bytes. Waits while the socket is full.
+        Do not modify `buf` until the send has returned."""
+        return self._send(self._channel.send_bytes, buf, offset, size)
+
+    def send(self, obj: Any) -> Coroutine[Any, Any, None]:
+        """Coroutine: send a picklable object as one message (pickle protocol 5 with out-of-band
+        buffers, as Channel.send). If the socket is full at the first try, the object is pickled
+        again once there is room."""
+        return self._send(self._channel.send, obj)
+
+    async def _flush_queued(self) -> None:
+        """Wait until what the core holds queued (the rest of a started frame) is written. The
+        writing is done by a task of this channel, so that it goes on if the caller is cancelled."""
+        task = self._drain
+        if task is None:
+            loop = self._loop
+            assert loop is not None
+            task = self._drain = loop.create_task(self._drain_queued())
+        await asyncio.shield(task)
+        if self._closed or self._channel.closed:
+            raise self._closed_error()
+
+    async def _drain_queued(self) -> None:
+        ch = self._channel
+        try:
+            while True:
+                try:
+                    ch.flush(timeout=0)
+                    return
+                except TimeoutError:
+                    pass
+                await self._writable()
+        except asyncio.CancelledError:
+            raise  # the loop is shutting down: the rest stays queued in the core
+        except BaseException as exc:
+            # The connection failed (or was closed) with part of a frame on the wire.
+            if not self._closed:
+                self._error = OSError(f"the connection failed while the rest of a started "
+                                      f"message was being written ({exc!r})")
+                self._error.__cause__ = exc
+                self.close()
+        finally:
+            self._drain = None
+
+    # ---- closing --------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the channel, once the rest of a started message (if any) has gone out.
+
+        A receive or send waiting on this channel raises OSError. If aclose() itself is
+        cancelled (or bounded with wait_for) before the rest is out, the channel is closed
+        anyway and the peer sees the connection end in the middle of that message."""
+        try:
+            task = self._drain
+            if task is not None and not self._closed:
+                await asyncio.shield(task)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the channel now (without waiting for the rest of a started message: prefer
+        aclose()). Coroutines waiting on it wake up and raise OSError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._ready is not None:
+            self._ready.close()
+        self._channel.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel is closed (by this side, or by the core after a ProtocolError)."""
+        return self._closed or self._channel.closed
+
+    @property
+    def channel(self) -> Channel:
+        """The underlying sync `Channel` (do not use it while coroutines use this object)."""
+        return self._channel
+
+    def fileno(self) -> int:
+        """The socket's file descriptor."""
+        return self._channel.fileno()
+
+    async def __aenter__(self: _SelfChannel) -> _SelfChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<loopfast.aio.AsyncChannel {self._channel!r}>"
+
+
+# ---- the handshake, driven from the event loop ---------------------------------------------------
+
+async def _available(achannel: AsyncChannel, size: int) -> None:
+    """Wait until at least `size` handshake bytes can be read without blocking (buffered by the
+    core or waiting in the socket), or the socket has something else to report (end of stream,
+    an error): then the sync handshake step that reads them runs without blocking."""
+    ch = achannel.channel
+    peek = socket.socket(fileno=ch.fileno())
+    try:
+        while True:
+            have = len(ch._buffered())
+            if have >= size:
+                return
+            try:
+                data = peek.recv(size - have, _PEEK_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                return  # the read reports it
+            if data is not None and (not data or have + len(data) >= size):
+                return
+            if data:
+                await asyncio.sleep(_PARTIAL_HANDSHAKE_POLL)  # part of it: the rest is coming
+            else:
+                await achannel._readable()
+    finally:
+        peek.detach()
+
+
+async def _handshake(achannel: AsyncChannel, authkey: Optional[bytes], role: str,
+                     timeout: Optional[float]) -> None:
+    """The loopfast handshake (_handshake.Handshake, the sync one's steps), each read step run
+    once its bytes have arrived, so that nothing blocks the loop. The sends are a few dozen bytes
+    on a fresh connection: they never wait."""
+    side = Handshake(achannel.channel, authkey, role, timeout)
+
+    async def steps() -> None:
+        side.send_hello()
+        await _available(achannel, HELLO.size)
+        side.read_hello()
+        side.send_proof()
+        if authkey is not None:
+            await _available(achannel, PROOF_SIZE)
+        side.check_proof()
+
+    try:
+        await _bounded(steps(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError("the peer did not complete the loopfast handshake in time") from None
+
+
+async def _bounded(awaitable: Any, timeout: Optional[float]) -> Any:
+    if timeout is None:
+        return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, timeout))
+
+
+# ---- connecting -------------------------------------------------------------------------------
+
+async def open_channel(
+    address: Address,
+    *,
+    authkey: Optional[bytes] = None,
+    family: Optional[str] = None,
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+    handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
+    serializer: Optional[Serializer] = None,
+    spin: Optional[float] = 0,
+) -> AsyncChannel:
+    """Connect to a loopfast Listener (sync or asyncio) at a loopback (host, port) and return an
+    AsyncChannel. The connection and the handshake (authentication with `authkey`) run on the
+    event loop, no thread; `handshake_timeout` bounds both (TimeoutError).
+
+    Addresses are checked as by loopfast.Client: anything that is not loopback is refused
+    (ValueError) before a socket is made. AuthenticationError if the keys differ.
+    `spin` is the underlying channel's (unused by the asyncio calls, which never wait in the core;
+    it matters only if you use `.channel` synchronously)."""
+    _check_authkey(authkey)
+    fam, sockaddr = resolve(address, family)
+    loop = _running_loop()
+    start = time.monotonic()
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            await _bounded(loop.sock_connect(sock, sockaddr), handshake_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"timed out connecting to {address!r}") from None
+        channel = Channel(sock.fileno(), max_message_size=max_message_size,
+                          serializer=serializer, spin=spin)
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()
+    achannel = AsyncChannel(channel)
+    remaining = (None if handshake_timeout is None
+                 else handshake_timeout - (time.monotonic() - start))
+    try:
+        await _handshake(achannel, authkey, CONNECTOR, remaining)
+    except BaseException:
+        achannel.close()
+        raise
+    return achannel
+
+
+class Listener:
+    """A listening socket on a loopback address that hands out AsyncChannels.
+
+    ``Listener(address=None, family=None, backlog=64, authkey=None, *, max_message_size,
+    handshake_timeout, serializer, spin)`` binds at once (as loopfast.Listener: loopback only;
+    the default address is ('127.0.0.1', 0), or ('::1', 0) with family='AF_INET6'); the
+    coroutine `start_listener()` does the same. ``await accept()`` waits for a client, runs the
+    handshake (AuthenticationError if the keys differ, TimeoutError after `handshake_timeout`)
+    on the event loop and returns its AsyncChannel. Use as ``async with`` (or ``with``), or
+    call `close()`.
+    """
+
+    def __init__(
+        self,
+        address: Optional[Address] = None,
+        family: Optional[str] = None,
+        backlog: int = DEFAULT_BACKLOG,
+        authkey: Optional[bytes] = None,
+        *,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+        handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
+        serializer: Optional[Serializer] = None,
+        spin: Optional[float] = 0,
+    ) -> None:
+        # The sync Listener binds (one place checks addresses); we accept from its socket.
+        self._listener = _SyncListener(address, family, backlog, authkey,
+                                       max_message_size=max_message_size,
+                                       handshake_timeout=handshake_timeout,
+                                       serializer=serializer, spin=spin)
+        sock = self._listener._socket
+        assert sock is not None
+        sock.setblocking(False)
+        self._sock: Optional[socket.socket] = sock
+        self._authkey = authkey
+        self._handshake_timeout = handshake_timeout
+        self._options: Dict[str, Any] = {
+            "max_message_size": max_message_size, "serializer": serializer, "spin": spin}
+        self._ready: Optional[_Readiness] = None
+        self._last_accepted: Optional[Tuple[str, int]] = None
+
+    async def accept(self) -> AsyncChannel:
+        """Wait for a client, run the handshake (and authentication) and return its channel."""
+        sock = self._sock
+        if sock is None:
+            raise OSError("listener is closed")
+        if self._ready is None:
+            self._ready = _Readiness(_running_loop(), sock.fileno())
+        while True:
+            try:
+                conn, peer = sock.accept()
+                break
+            except (BlockingIOError, InterruptedError):
+                pass
+            await self._ready.readable()
+            if self._sock is None:
+                raise OSError("listener is closed (while accept() waited)")
+        try:
+            check_peer(peer)
+            channel = Channel(conn.fileno(), **self._options)
+        except BaseException:
+            conn.close()
+            raise
+        conn.detach()
+        self._last_accepted = peer[:2]
+        achannel = AsyncChannel(channel)
+        try:
+            await _handshake(achannel, self._authkey, LISTENER, self._handshake_timeout)
+        except BaseException:
+            achannel.close()
+            raise
+        return achannel
+
+    def close(self) -> None:
+        """Stop listening; a pending accept() raises OSError. Accepted channels stay open."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._ready is not None:
+            self._ready.close()
+        self._listener.close()
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """The (host, port) the listener is bound to."""
+        return self._listener.address
+
+    @property
+    def last_accepted(self) -> Optional[Tuple[str, int]]:
+        """The (host, port) of the last accepted client, or None."""
+        return self._last_accepted
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else f"address={self.address!r}"
+        return f"<loopfast.aio.Listener {state}>"
+
+
+async def start_listener(
+    address: Optional[Address] = None,
+    *,
+    authkey: Optional[bytes] = None,
+    family: Optional[str] = None,
+    backlog: int = DEFAULT_BACKLOG,
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+    handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
+    serializer: Optional[Serializer] = None,
+    spin: Optional[float] = 0,
+) -> Listener:
+    """Bind a `Listener` on a loopback address (default ('127.0.0.1', 0): read the port from
+    `.address`) and return it; ``await listener.accept()`` for each client."""
+    _running_loop()
+    return Listener(address, family, backlog, authkey, max_message_size=max_message_size,
+                    handshake_timeout=handshake_timeout, serializer=serializer, spin=spin)
