@@ -40,7 +40,16 @@ from .connection import Pipe
 if TYPE_CHECKING:
     from ._implementation import Channel
 
-__all__ = ["ROWS", "AioReport", "format_report", "main", "run", "uvloop_unavailable"]
+__all__ = [
+    "ROWS",
+    "AioReport",
+    "EchoPeer",
+    "format_report",
+    "main",
+    "round_trips",
+    "run",
+    "uvloop_unavailable",
+]
 
 PREFIX = struct.Struct("<I")
 ROWS = ("sync_spin0", "aio", "aio_uvloop", "streams", "streams_uvloop")
@@ -124,7 +133,9 @@ def _peer_main(channel: Channel) -> None:
                     _recv_exact(conn, 0)
 
 
-class _Peer:
+class EchoPeer:
+    """The echo peer process (see the module docstring); close() stops it."""
+
     def __init__(self) -> None:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         ctx: Any = multiprocessing.get_context(method)
@@ -154,7 +165,7 @@ class _Peer:
 
 # ---- the rows ------------------------------------------------------------------------------------
 
-def _sync_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
+def _sync_rt(peer: EchoPeer, payload: bytes, n: int) -> List[int]:
     ch = peer.channel
     times = []
     clock = time.perf_counter_ns
@@ -167,7 +178,7 @@ def _sync_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
     return times
 
 
-async def _aio_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
+async def _aio_rt(peer: EchoPeer, payload: bytes, n: int) -> List[int]:
     channel = AsyncChannel(peer.channel)  # a view for this loop; it is not closed here
     times = []
     clock = time.perf_counter_ns
@@ -180,7 +191,7 @@ async def _aio_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
     return times
 
 
-async def _streams_rt(peer: _Peer, payload: bytes, n: int) -> List[int]:
+async def _streams_rt(peer: EchoPeer, payload: bytes, n: int) -> List[int]:
     peer.command("stream", n)
     reader, writer = await asyncio.open_connection("127.0.0.1", peer.port)
     times = []
@@ -209,7 +220,9 @@ def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop],
         loop.close()
 
 
-def _measure(row: str, peer: _Peer, payload: bytes, n: int) -> List[int]:
+def round_trips(row: str, peer: EchoPeer, payload: bytes, n: int) -> List[int]:
+    """n round trips of `payload` the way `row` says (aio rows: on a new event loop); returns
+    each one's time in ns."""
     if row == "sync_spin0":
         return _sync_rt(peer, payload, n)
     factory = _uvloop_factory() if row.endswith("uvloop") else asyncio.new_event_loop
@@ -231,7 +244,7 @@ def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
             rows.remove(row)
     payload = os.urandom(size)
     samples: Dict[str, List[float]] = {row: [] for row in rows}
-    peer = _Peer()
+    peer = EchoPeer()
     try:
         peer.channel.spin = 0
         for r in range(rounds):
@@ -239,8 +252,8 @@ def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
             for row in order:
                 if progress:
                     progress(f"round {r + 1}/{rounds}: {row}")
-                _measure(row, peer, payload, warmup)
-                times = _measure(row, peer, payload, count)
+                round_trips(row, peer, payload, warmup)
+                times = round_trips(row, peer, payload, count)
                 samples[row].append(statistics.median(times) / 1e9)
     finally:
         peer.close()
