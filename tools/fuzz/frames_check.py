@@ -221,8 +221,10 @@ def check(channel_cls, data, seed=0, max_message_size=MAX_MESSAGE_SIZE):
     rng = random.Random(zlib.crc32(data) ^ (seed * 0x9E3779B1))
     reader, writer = socket.socketpair()
     try:
-        channel = channel_cls(reader.detach(), max_message_size=max_message_size,
-                              serializer=TagSerializer())
+        # A read-only channel closes itself on a message over maxlength; a duplex one stops
+        # reading instead (as multiprocessing does): both paths are checked.
+        channel = channel_cls(reader.detach(), writable=rng.random() < 0.5,
+                              max_message_size=max_message_size, serializer=TagSerializer())
     finally:
         reader.close()
     thread = threading.Thread(target=_writer, args=(writer, data, _chunks(rng, len(data))),
@@ -244,7 +246,7 @@ def check(channel_cls, data, seed=0, max_message_size=MAX_MESSAGE_SIZE):
         for _ in range(MAX_STEPS):
             op = "recv" if refused else rng.choice(
                 ("recv_bytes", "recv_bytes", "recv_bytes_max", "recv", "recv",
-                 "recv_bytes_into", "recv_bytes_many"))
+                 "recv_bytes_into", "recv_bytes_many", "poll"))
             refused = False
             message = messages[index] if index < len(messages) else None
             timeout = CALL_TIMEOUT
@@ -252,6 +254,9 @@ def check(channel_cls, data, seed=0, max_message_size=MAX_MESSAGE_SIZE):
                 timeout = 0
                 quick_left -= 1
             trace.append(op if timeout else f"{op}@0")
+            if op == "poll":
+                _check_ready(channel, timeout, rng, fail)
+                continue
             result = None
             error = None
             buf = offset = limit = maxlength = None
@@ -380,6 +385,18 @@ def check(channel_cls, data, seed=0, max_message_size=MAX_MESSAGE_SIZE):
         writer.close()
         if thread.is_alive():
             raise Finding("the writer thread is stuck after the channel was closed")
+
+
+def _check_ready(channel, timeout, rng, fail):
+    """poll() or loopfast.wait(): never consume anything; with all input written (or coming)
+    and the channel open, a wait with a timeout must report it ready."""
+    if rng.random() < 0.5:
+        ready = channel.poll(timeout)
+    else:
+        from loopfast import wait
+        ready = wait([channel], timeout=timeout) == [channel]
+    if timeout and not ready:
+        fail(f"not ready after {timeout} s with all input written")
 
 
 def _expect_bad_length(error, fail):

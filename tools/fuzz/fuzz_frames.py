@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """atheris harness for the compiled frame decoder (loopfast._channel.Channel).
 
 One input is the byte stream a peer sends after the handshake; frames_check.check() feeds it to a
@@ -16,7 +17,12 @@ import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-with atheris.instrument_imports(include=["frames_check"]):
+if os.environ.get("LOOPFAST_FUZZ_PYCOV", "1") == "1":
+    # Python-level coverage of the reference parser too: it steers the fuzzer to new frame
+    # shapes. LOOPFAST_FUZZ_PYCOV=0 leaves only the C extension's edges in libFuzzer's cov.
+    with atheris.instrument_imports(include=["frames_check"]):
+        import frames_check
+else:
     import frames_check
 
 import loopfast
