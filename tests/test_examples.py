@@ -103,3 +103,27 @@ def test_numpy_pipeline_under_spawn():
     needs_numpy()
     assert_ok(run_example_main("numpy_pipeline.py", "spawn", "--arrays", "3", "--size", "50000"),
               "pipeline ok: 3 arrays of 50000 float64")
+
+
+def test_asyncio_service_serves_every_client_and_refuses_the_wrong_key():
+    needs_aio()
+    assert_ok(run_example("asyncio_service.py", "--clients", "6", "--requests", "30"),
+              "service ok: 6 clients (3 processes, 3 threads) x 30 requests, total 180, "
+              "1 wrong key refused")
+
+
+def test_asyncio_service_with_default_arguments():
+    needs_aio()
+    assert_ok(run_example("asyncio_service.py"), "service ok: 4 clients")
+
+
+def test_asyncio_service_with_a_single_client():
+    needs_aio()
+    assert_ok(run_example("asyncio_service.py", "--clients", "1", "--requests", "5"),
+              "service ok: 1 clients (0 processes, 1 threads) x 5 requests, total 5")
+
+
+def test_asyncio_service_under_spawn():
+    needs_aio()
+    assert_ok(run_example_main("asyncio_service.py", "spawn", "--clients", "2", "--requests", "5"),
+              "service ok: 2 clients (1 processes, 1 threads)")
