@@ -490,8 +490,9 @@ def _generate() -> str:
         "     Refresh with: python tools/api_reference.py -->",
         "",
         "Every public name of `loopfast` and `loopfast.aio`, with its docstring. Signatures "
-        "carry the types of the package's stubs; `Channel` is the same class whichever "
-        "implementation runs (`loopfast.implementation`). Start with the "
+        "carry the types of the annotations (for `Channel`, of its stub `_channel.pyi`). "
+        "`Channel` is documented once: the compiled core and the pure-Python twin "
+        "(`loopfast.implementation`) have the same API. Start with the "
         "[README](../README.md) for a tour, and [the protocol](protocol.md) for the bytes on the "
         "wire.",
         "",
