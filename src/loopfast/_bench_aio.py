@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._implementation import Channel
 
 __all__ = [
+    "PIN_MODES",
     "ROWS",
     "AioReport",
     "EchoPeer",
@@ -68,6 +69,7 @@ class AioReport(TypedDict):
     size: int
     count: int
     rounds: int
+    pin: str
     rows: Dict[str, List[float]]     # per row, each measurement's median round trip (s)
     medians: Dict[str, float]        # per row, the median over the rounds (s)
     ratios: Dict[str, float]         # named ratios of two medians
@@ -231,10 +233,36 @@ def round_trips(row: str, peer: EchoPeer, payload: bytes, n: int) -> List[int]:
     return _on_loop(factory, _streams_rt(peer, payload, n))
 
 
+PIN_MODES = ("none", "split", "same")
+
+
+def _pin(peer: EchoPeer, mode: str) -> Optional[str]:
+    """Pin this process and the peer to two different CPUs ("split") or to one ("same"); returns
+    why not, if it cannot be done here."""
+    if mode == "none":
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        return "CPU pinning needs os.sched_setaffinity (Linux)"
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "split" and len(cpus) < 2:
+        return "--pin split needs two usable CPUs"
+    ours = cpus[0]
+    theirs = cpus[1] if mode == "split" else cpus[0]
+    os.sched_setaffinity(0, {ours})
+    assert peer.process.pid is not None
+    os.sched_setaffinity(peer.process.pid, {theirs})
+    return None
+
+
 def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
-        progress: Optional[Callable[[str], None]] = None) -> AioReport:
+        progress: Optional[Callable[[str], None]] = None, pin: str = "none") -> AioReport:
     """Measure every row `rounds` times, interleaved; `count` timed round trips of `size` bytes
-    per measurement, after `warmup` untimed ones."""
+    per measurement, after `warmup` untimed ones. `pin`: "none", "split" (this process and the
+    peer on two different CPUs) or "same" (both on one): on loopback, where the two processes
+    run decides what a wake-up costs, so the sync round trip swings between ~6 and ~75 us
+    unpinned, while the asyncio layer adds a roughly fixed cost."""
+    if pin not in PIN_MODES:
+        raise ValueError(f"pin must be one of {PIN_MODES}, got {pin!r}")
     skipped: Dict[str, str] = {}
     reason = uvloop_unavailable()
     rows = list(ROWS)
@@ -245,7 +273,11 @@ def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
     payload = os.urandom(size)
     samples: Dict[str, List[float]] = {row: [] for row in rows}
     peer = EchoPeer()
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
+        why = _pin(peer, pin)
+        if why:
+            raise ValueError(why)
         peer.channel.spin = 0
         for r in range(rounds):
             order = rows[r % len(rows):] + rows[:r % len(rows)]
@@ -257,6 +289,8 @@ def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
                 samples[row].append(statistics.median(times) / 1e9)
     finally:
         peer.close()
+        if affinity is not None and pin != "none":
+            os.sched_setaffinity(0, affinity)
     medians = {row: statistics.median(values) for row, values in samples.items()}
     ratios: Dict[str, float] = {}
 
@@ -269,13 +303,14 @@ def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
     ratio("aio / streams", "aio", "streams")
     ratio("aio_uvloop / streams_uvloop", "aio_uvloop", "streams_uvloop")
     ratio("aio_uvloop / streams", "aio_uvloop", "streams")
-    return {"size": size, "count": count, "rounds": rounds, "rows": samples,
+    return {"size": size, "count": count, "rounds": rounds, "pin": pin, "rows": samples,
             "medians": medians, "ratios": ratios, "skipped": skipped}
 
 
 def format_report(report: AioReport) -> str:
     lines = [f"asyncio round trip, {report['size']} B: median of {report['rounds']} "
-             f"measurements x {report['count']} round trips (echo peer: another process)"]
+             f"measurements x {report['count']} round trips (echo peer: another process; "
+             f"pin: {report['pin']})"]
     for row, median in report["medians"].items():
         spread = report["rows"][row]
         lines.append(f"  {LABELS[row]:<48} {median * 1e6:8.1f} us   "
@@ -294,10 +329,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--pin", choices=PIN_MODES, default="none",
+                        help="split: this process and the peer on two CPUs; same: on one")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    report = run(args.rounds, args.count, args.size,
-                 progress=lambda message: print(message, file=sys.stderr))
+    try:
+        report = run(args.rounds, args.count, args.size, pin=args.pin,
+                     progress=lambda message: print(message, file=sys.stderr))
+    except ValueError as exc:
+        print(f"loopfast._bench_aio: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
