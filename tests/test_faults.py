@@ -10,9 +10,9 @@ segment per call), a raw socket (`raw_peer`) or a real child process.
 
 fork() (the contract is in tests/test_threads.py): the child's copy of a channel shares the
 socket; a lock a parent thread held at the fork stays held in the child, so a receive there
-ends in TimeoutError (its timeout bounds the wait for the lock). Recorded as a strict xfail (core
-bug): a fork() child that closes its copy of a channel on which a parent thread was blocked
-shuts the connection down for the parent too.
+ends in TimeoutError (its timeout bounds the wait for the lock). A child that closes its copy of
+a channel on which a parent thread was blocked closes only its own descriptor (the core forgets
+the parent's blocked threads after fork; this was a bug, found here).
 Not tested: close() from another thread does not wake loopfast.wait() (it waits on the fd,
 which the channel does not know about; multiprocessing.connection.wait behaves the same).
 """
@@ -385,12 +385,6 @@ def test_a_fork_child_receiving_on_a_channel_a_parent_thread_was_receiving_on_ti
 
 
 @needs_fork
-@pytest.mark.xfail(
-    strict=True, raises=(EOFError, ConnectionResetError, BrokenPipeError), reason=(
-        "core bug: a fork() child inherits the channel's count of threads blocked on it; its "
-        "close() of its own copy then shuts the shared socket down (as for a close from another "
-        "thread), which ends the connection for the parent: the parent's blocked receive gets "
-        "EOFError (or the parent's send a reset)"))
 def test_a_fork_child_closing_its_copy_leaves_the_parents_channel_working(make_pair):
     a1, a2, _, _, receiver = _blocked_receiver(make_pair)
     with child_process("fork", _fork_child_closes_a, a2) as proc:

@@ -22,9 +22,11 @@ from libc.string cimport memcpy, memmove
 
 import io
 import operator
+import os
 import pickle
 import sys
 import warnings
+import weakref
 from multiprocessing.reduction import ForkingPickler
 
 from ._errors import BufferTooShort, ProtocolError
@@ -272,6 +274,26 @@ cdef inline int _lock(PyThread_type_lock lock, int64_t deadline, str what) excep
             PyErr_CheckSignals()
 
 
+# Every open channel of this process, for the fork handler below.
+cdef object _channels = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """Only the forking thread survives fork(): in the child no thread is blocked on any channel.
+    Forget the parent's blocked threads, or the child's close() would shut down the socket it
+    shares with the parent (see close()) instead of closing its own descriptor."""
+    cdef Channel channel
+    for channel in list(_channels):
+        channel._blocked = 0
+        if channel._deferred_close_fd != LF_INVALID_SOCKET:
+            lf_close(channel._deferred_close_fd)
+            channel._deferred_close_fd = LF_INVALID_SOCKET
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 cdef class Channel:
     """One end of a framed, bidirectional loopback connection.
 
@@ -335,6 +357,7 @@ cdef class Channel:
         self._fd = c_fd
         self._readable = readable
         self._writable = writable
+        _channels.add(self)
 
     def __del__(self):
         if self._fd != LF_INVALID_SOCKET:

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from multiprocessing.reduction import ForkingPickler
 
 from ._errors import BufferTooShort, ProtocolError
@@ -331,6 +332,25 @@ class _Batch:
         self.channel._end_batch(self.timeout)
 
 
+# Every open channel of this process, for the fork handler below.
+_channels = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """Only the forking thread survives fork(): in the child no thread is blocked on any channel.
+    Forget the parent's blocked threads, or the child's close() would shut down the socket it
+    shares with the parent (see close()) instead of closing its own descriptor."""
+    for channel in list(_channels):
+        channel._blocked = 0
+        deferred, channel._deferred_close = channel._deferred_close, None
+        if deferred is not None:
+            deferred.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Channel:
     """One end of a framed, bidirectional loopback connection.
 
@@ -432,6 +452,7 @@ class Channel:
         self._fd = fd_number
         self._readable = readable
         self._writable = writable
+        _channels.add(self)
 
     def __del__(self, _warn=warnings.warn, _is_finalizing=sys.is_finalizing):
         if getattr(self, "_sock", None) is not None:
