@@ -12,16 +12,22 @@ The other end is a hand-written peer on a plain 127.0.0.1 socket that speaks doc
 ("Handshake"). The properties, each on the listening and on the connecting side:
 
 1. a corrupted hello (byte flips, random magic, version, flags, reserved or nonce, cut short then
-   closed, garbage after it) has exactly the outcome of the documented checks: ProtocolError (not
-   a loopfast peer, cut short, another version), AuthenticationError (the AUTH flags disagree, or
-   garbage where the proof belongs), or success when only ignored fields changed;
-2. a bad proof (wrong key, flipped bits, truncated then closed or followed by frames, replayed from
-   an earlier session, the other side's label, the hellos swapped, reflected back) is
-   AuthenticationError on the side that checks it;
+   closed or reset, garbage after it) has exactly the outcome of the documented checks, with the
+   documented wording: ProtocolError (not a loopfast peer, cut short, another version: naming
+   both), AuthenticationError (the AUTH flags disagree, or garbage where the proof belongs), or
+   success when only fields the receiver ignores changed (then garbage after the handshake is a
+   ProtocolError of the first receive);
+2. a bad proof (wrong key, flipped bits, truncated then closed, reset or followed by frames,
+   replayed from an earlier session, the other side's label, the hellos swapped, reflected back)
+   is AuthenticationError on the side that checks it;
 3. a real Listener and Client with any two authkeys (None, empty, random): success iff they are
    equal, otherwise AuthenticationError on both sides, with the documented wording when one side
    has no key;
 4. a valid handshake written in tiny pieces succeeds and the first messages arrive intact.
+
+"Wrong" keys are keys that HMAC-SHA256 tells apart: it pads a key with zero bytes, so b"k" and
+b"k\0" are one key. A strict xfail records that as a core bug (the protocol says a wrong key
+fails the handshake).
 
 In 1 and 2 the peer sends frames right after its handshake bytes, one of them a pickle whose
 unpickling is recorded: after a failed handshake none of them is ever delivered, the failing side
@@ -33,6 +39,7 @@ Examples are derandomized and no example database is used, so every run checks t
 """
 
 import contextlib
+import hashlib
 import hmac
 import itertools
 import pickle
@@ -52,7 +59,7 @@ from conftest import (  # noqa: E402
     frame,
     recv_exact,
 )
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import loopfast  # noqa: E402
@@ -66,7 +73,7 @@ PROOF_SIZE = 32
 LISTENER_LABEL = b"loopfast-1 listener proof"
 CONNECTOR_LABEL = b"loopfast-1 connector proof"
 
-HANDSHAKE_TIMEOUT = 3.0  # bounds each attempt; never reached by an expected outcome
+HANDSHAKE_TIMEOUT = 5.0  # bounds each attempt; never reached by an expected outcome
 IO_TIMEOUT = 10.0        # raw sockets and receives
 JOIN_TIMEOUT = 20.0      # background accept() / Client()
 
@@ -147,6 +154,21 @@ def proof(key, label, sender_hello, receiver_hello):
     return hmac.new(key, label + sender_hello + receiver_hello, "sha256").digest()
 
 
+def hmac_key(key):
+    """The key HMAC-SHA256 actually uses for `key`: hashed if longer than the 64-byte block,
+    then padded with zero bytes to it."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    return key.ljust(64, b"\0")
+
+
+def same_key(a, b):
+    """Whether authkeys `a` and `b` (or None) make the same proofs."""
+    if a is None or b is None:
+        return a is b
+    return hmac_key(a) == hmac_key(b)
+
+
 def assert_valid_hello(data, has_key):
     magic, version, flags, reserved, _ = HELLO.unpack(data)
     assert (magic, version, flags, reserved) == (
@@ -154,18 +176,22 @@ def assert_valid_hello(data, has_key):
 
 
 def hello_verdict(sent, receiver_has_key):
-    """What docs/protocol.md says a receiver does with `sent` as the peer's hello (followed by a
-    close if it is shorter than a hello): the exception it raises, or None to go on."""
+    """What docs/protocol.md says a receiver does with `sent` as the peer's hello (followed by
+    the end of the connection if it is shorter than a hello): (the exception it raises, words its
+    message must contain), or (None, []) to go on."""
     if sent[:len(MAGIC)] != MAGIC[:len(sent)]:
-        return ProtocolError  # 1. not a loopfast peer
+        return ProtocolError, ["not a loopfast"]  # 1. not a loopfast peer
     if len(sent) < HELLO.size:
-        return ProtocolError  # the connection ended during the hello
+        return ProtocolError, ["closed"]  # the connection ended during the hello
     _, version, flags, _, _ = HELLO.unpack(sent)
-    if version != PROTOCOL_VERSION:
-        return ProtocolError  # 2. version mismatch
+    if version != PROTOCOL_VERSION:  # 2. version mismatch, "naming both versions"
+        return ProtocolError, [f"version {version}", f"version {PROTOCOL_VERSION}"]
     if bool(flags & FLAG_AUTH) != receiver_has_key:
-        return AuthenticationError  # 3. the AUTH bits disagree
-    return None
+        # 3. the AUTH bits disagree: "the side with a key says the peer did not authenticate;
+        # the side without says the peer requires a key"
+        return AuthenticationError, [
+            "did not authenticate" if receiver_has_key else "requires an authkey"]
+    return None, []
 
 
 # ---- raw sockets -----------------------------------------------------------------------------
@@ -222,6 +248,21 @@ def send_chunks(sock, chunks):
 def end_writing(sock):
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
+
+
+def reset(sock):
+    """Close `sock` with an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def end_connection(sock, how):
+    """End our side the way the case says: "close" (a FIN; the socket stays open for reading)
+    or "reset" (an RST)."""
+    if how == "reset":
+        reset(sock)
+    else:
+        end_writing(sock)
 
 
 def assert_closed_by_other_side(sock):
@@ -293,10 +334,65 @@ MUTATIONS = ["flip", "magic", "version", "flags", "reserved", "nonce"]
 HELLO_FIELDS = [(8, "magic"), (10, "version"), (12, "flags"), (16, "reserved"), (48, "nonce")]
 
 
+class HelloCase:
+    """A hello as a hostile peer sends it, and what follows it."""
+
+    def __init__(self, sent, done, ending, garbage, garbage_after_proof, sizes):
+        self.sent = sent          # the hello bytes, corrupted as `done` says, maybe cut short
+        self.done = done          # what was done to it, for the statistics
+        self.ending = ending      # after a cut: "close" or "reset"
+        self.garbage = garbage    # bytes sent after the hello ...
+        self.garbage_after_proof = garbage_after_proof  # ... before or after the proof
+        self.sizes = sizes        # the sends the bytes are cut into
+
+    def verdict(self, receiver_has_key):
+        """(exception, message words) or (None, []); and whether the peer sends a proof."""
+        expected, words = hello_verdict(self.sent, receiver_has_key)
+        proves = expected is None and receiver_has_key
+        if proves and self.garbage and not self.garbage_after_proof:
+            expected, words = AuthenticationError, []  # garbage read as (part of) the proof
+        if self.ending == "reset":
+            words = []  # still ProtocolError, but the reset may overtake the bytes before it
+        event(f"outcome: {'success' if expected is None else expected.__name__}")
+        for what in sorted(set(self.done)) or ["none"]:
+            event(f"corruption: {what}")
+        return expected, words, proves
+
+    def play(self, sock, proof_after_hello, frames):
+        """Send the case on `sock`: the hello, then the garbage, the proof and the frames (or,
+        after a cut hello, the end of the connection)."""
+        if len(self.sent) < HELLO.size:
+            send_chunks(sock, cut(self.sent, self.sizes))
+            end_connection(sock, self.ending)
+            return
+        if self.garbage_after_proof:
+            rest = proof_after_hello + self.garbage
+        else:
+            rest = self.garbage + proof_after_hello
+        send_chunks(sock, cut(self.sent + rest + frames.wire, self.sizes))
+
+    def check(self, got, expected, words, impl, frames, sock):
+        """`got` (accept()'s or Client()'s outcome) is the expected one; the peer's frames are
+        delivered only after a successful handshake; a failed one closes the connection."""
+        try:
+            assert_outcome(got, expected, impl)
+            for word in words:
+                assert word in str(got)
+            if expected is None and self.garbage:
+                with pytest.raises(ProtocolError):  # the garbage, read as a frame header
+                    got.recv_bytes(timeout=IO_TIMEOUT)
+            elif expected is None:
+                frames.assert_received_by(got)
+                return
+        finally:
+            close_if_channel(got)
+        frames.assert_never_delivered()
+        if self.ending != "reset":
+            assert_closed_by_other_side(sock)
+
+
 @st.composite
-def corrupted_hellos(draw, has_key):
-    """(hello bytes as sent, garbage sent after it, what was done). A hello shorter than 48 bytes
-    is followed by a close, and no garbage."""
+def hello_cases(draw, has_key):
     data = bytearray(make_hello(FLAG_AUTH if has_key else 0))
     done = []
     for what in draw(st.lists(st.sampled_from(MUTATIONS), max_size=3)):
@@ -315,38 +411,29 @@ def corrupted_hellos(draw, has_key):
         else:
             data[16:48] = draw(st.binary(min_size=32, max_size=32))
         done.append(what)
-    garbage = b""
+    ending, garbage, after_proof = "close", b"", False
     if draw(st.integers(0, 4)) == 0:
         data = data[:draw(st.integers(0, HELLO.size - 1))]
-        done.append("cut")
+        ending = draw(st.sampled_from(["close", "reset"]))
+        done.append(f"cut then {ending}")
     elif draw(st.integers(0, 3)) == 0:
         # The first byte is never a valid frame kind, so the garbage is never a frame.
         garbage = bytes([draw(st.sampled_from([0, *range(4, 256)]))]) + draw(st.binary(max_size=40))
-        done.append("garbage")
-    return bytes(data), garbage, done
-
-
-def describe_hello_case(done, expected):
-    event(f"outcome: {'success' if expected is None else expected.__name__}")
-    for what in sorted(set(done)) or ["none"]:
-        event(f"corruption: {what}")
+        after_proof = has_key and draw(st.booleans())
+        done.append("garbage after the proof" if after_proof else "garbage")
+    return HelloCase(bytes(data), done, ending, garbage, after_proof, draw(chunk_sizes))
 
 
 # ---- 1. corrupted hellos ---------------------------------------------------------------------
 
 @each_impl
-@_settings(max_examples=300)
+@_settings(max_examples=200)
 @given(has_key=st.booleans(), key=keys, data=st.data())
 def test_a_corrupted_client_hello_has_the_documented_outcome_at_the_listener(
         impl, has_key, key, data):
     key = key if has_key else None
-    sent, garbage, done = data.draw(corrupted_hellos(has_key), "hello")
-    sizes = data.draw(chunk_sizes, "chunk sizes")
-    expected = hello_verdict(sent, has_key)
-    proves = expected is None and has_key  # the peer goes on to send its proof
-    if proves and garbage:
-        expected = AuthenticationError  # the garbage is read as (part of) the proof
-    describe_hello_case(done, expected)
+    case = data.draw(hello_cases(has_key), "case")
+    expected, words, proves = case.verdict(has_key)
     frames = PeerFrames()
     with channels_of(impl), \
             loopfast.Listener(authkey=key, handshake_timeout=HANDSHAKE_TIMEOUT) as listener:
@@ -354,41 +441,21 @@ def test_a_corrupted_client_hello_has_the_documented_outcome_at_the_listener(
             accepting = Background(listener.accept)
             listener_hello = recv_exact(raw, HELLO.size)  # sent without waiting for ours
             assert_valid_hello(listener_hello, has_key)
-            if len(sent) < HELLO.size:
-                send_chunks(raw, cut(sent, sizes))
-                end_writing(raw)
-            else:
-                own_proof = proof(key, CONNECTOR_LABEL, sent, listener_hello) if proves else b""
-                send_chunks(raw, cut(sent + garbage + own_proof + frames.wire, sizes))
-            got = outcome_of(accepting)
-            try:
-                assert_outcome(got, expected, impl)
-                if expected is None and garbage:
-                    with pytest.raises(ProtocolError):
-                        got.recv_bytes(timeout=IO_TIMEOUT)
-                elif expected is None:
-                    frames.assert_received_by(got)
-                    return
-            finally:
-                close_if_channel(got)
-            assert_closed_by_other_side(raw)
-        frames.assert_never_delivered()
-        assert_serves_a_good_client(listener, key, impl)
+            own_proof = proof(key, CONNECTOR_LABEL, case.sent, listener_hello) if proves else b""
+            case.play(raw, own_proof, frames)
+            case.check(outcome_of(accepting), expected, words, impl, frames, raw)
+        if expected is not None:
+            assert_serves_a_good_client(listener, key, impl)
 
 
 @each_impl
-@_settings(max_examples=300)
+@_settings(max_examples=200)
 @given(has_key=st.booleans(), key=keys, data=st.data())
 def test_a_corrupted_listener_hello_has_the_documented_outcome_at_the_client(
         impl, has_key, key, data):
     key = key if has_key else None
-    sent, garbage, done = data.draw(corrupted_hellos(has_key), "hello")
-    sizes = data.draw(chunk_sizes, "chunk sizes")
-    expected = hello_verdict(sent, has_key)
-    proves = expected is None and has_key
-    if proves and garbage:
-        expected = AuthenticationError
-    describe_hello_case(done, expected)
+    case = data.draw(hello_cases(has_key), "case")
+    expected, words, proves = case.verdict(has_key)
     frames = PeerFrames()
     with channels_of(impl), fake_listener() as fake:
         connecting = Background(loopfast.Client, fake.getsockname(), authkey=key,
@@ -396,38 +463,25 @@ def test_a_corrupted_listener_hello_has_the_documented_outcome_at_the_client(
         with accept_raw(fake) as conn:
             client_hello = recv_exact(conn, HELLO.size)  # sent without waiting for ours
             assert_valid_hello(client_hello, has_key)
-            if len(sent) < HELLO.size:
-                send_chunks(conn, cut(sent, sizes))
-                end_writing(conn)
-            else:
-                own_proof = proof(key, LISTENER_LABEL, sent, client_hello) if proves else b""
-                send_chunks(conn, cut(sent + garbage + own_proof + frames.wire, sizes))
-            got = outcome_of(connecting)
-            try:
-                assert_outcome(got, expected, impl)
-                if expected is None and garbage:
-                    with pytest.raises(ProtocolError):
-                        got.recv_bytes(timeout=IO_TIMEOUT)
-                elif expected is None:
-                    frames.assert_received_by(got)
-                    return
-            finally:
-                close_if_channel(got)
-            assert_closed_by_other_side(conn)
-    frames.assert_never_delivered()
+            own_proof = proof(key, LISTENER_LABEL, case.sent, client_hello) if proves else b""
+            case.play(conn, own_proof, frames)
+            case.check(outcome_of(connecting), expected, words, impl, frames, conn)
 
 
 # ---- 2. bad proofs ---------------------------------------------------------------------------
 
-ATTACKS = ["wrong key", "flipped bits", "truncated then close", "truncated then frames",
+ATTACKS = ["wrong key", "flipped bits", "truncated then close", "truncated then reset",
+           "truncated then frames",
            "replayed session", "replayed proof", "other label", "swapped hellos", "reflected"]
+ENDINGS = {"truncated then close": "close", "truncated then reset": "reset"}
 
 
 @st.composite
 def proof_attacks(draw, key):
     attack = draw(st.sampled_from(ATTACKS))
     if attack == "wrong key":
-        return attack, draw(keys.map(lambda k: k if k != key else k + b"!"))
+        # A key that makes other proofs (not merely other bytes: see the xfail below).
+        return attack, draw(keys.map(lambda k: k + b"!" if same_key(k, key) else k))
     if attack == "flipped bits":  # distinct bytes, each changed: never the right proof
         return attack, draw(st.dictionaries(st.integers(0, PROOF_SIZE - 1), st.integers(1, 255),
                                             min_size=1, max_size=4))
@@ -456,7 +510,7 @@ def bad_proof(attack, param, key, own_label, own_hello, peer_hello):
 
 
 @each_impl
-@_settings(max_examples=200)
+@_settings(max_examples=150)
 @given(key=keys, data=st.data())
 def test_a_bad_client_proof_is_an_authentication_error_at_the_listener(impl, key, data):
     attack, param = data.draw(proof_attacks(key), "attack")
@@ -482,21 +536,24 @@ def test_a_bad_client_proof_is_an_authentication_error_at_the_listener(impl, key
             else:
                 own = make_hello(FLAG_AUTH)
                 stream = own + bad_proof(attack, param, key, CONNECTOR_LABEL, own, listener_hello)
-                if attack != "truncated then close":
+                if attack not in ENDINGS:
                     stream += frames.wire
             send_chunks(raw, cut(stream, sizes))
-            if attack == "truncated then close":
-                end_writing(raw)
+            if attack in ENDINGS:
+                # The other side's proof: it has read our hello; a reset cannot overtake it.
+                recv_exact(raw, PROOF_SIZE)
+                end_connection(raw, ENDINGS[attack])
             got = outcome_of(accepting)
             close_if_channel(got)
             assert_outcome(got, AuthenticationError, impl)
-            assert_closed_by_other_side(raw)
+            if attack != "truncated then reset":
+                assert_closed_by_other_side(raw)
         frames.assert_never_delivered()
         assert_serves_a_good_client(listener, key, impl)
 
 
 @each_impl
-@_settings(max_examples=200)
+@_settings(max_examples=150)
 @given(key=keys, data=st.data())
 def test_a_bad_listener_proof_is_an_authentication_error_at_the_client(impl, key, data):
     attack, param = data.draw(proof_attacks(key), "attack")
@@ -523,15 +580,18 @@ def test_a_bad_listener_proof_is_an_authentication_error_at_the_client(impl, key
                 else:
                     own = make_hello(FLAG_AUTH)
                     stream = own + bad_proof(attack, param, key, LISTENER_LABEL, own, client_hello)
-                    if attack != "truncated then close":
+                    if attack not in ENDINGS:
                         stream += frames.wire
                 send_chunks(conn, cut(stream, sizes))
-                if attack == "truncated then close":
-                    end_writing(conn)
+                if attack in ENDINGS:
+                    # The other side's proof: it has read our hello; a reset cannot overtake it.
+                    recv_exact(conn, PROOF_SIZE)
+                    end_connection(conn, ENDINGS[attack])
                 got = outcome_of(connecting)
                 close_if_channel(got)
                 assert_outcome(got, AuthenticationError, impl)
-                assert_closed_by_other_side(conn)
+                if attack != "truncated then reset":
+                    assert_closed_by_other_side(conn)
         frames.assert_never_delivered()
 
 
@@ -541,11 +601,13 @@ optional_keys = st.one_of(st.none(), keys)
 
 
 @each_impl
-@_settings(max_examples=100)
+@_settings(max_examples=80)
 @given(listener_key=optional_keys, same=st.booleans(), other_key=optional_keys)
 def test_listener_and_client_connect_iff_their_authkeys_are_equal(
         impl, listener_key, same, other_key):
     client_key = listener_key if same else other_key
+    # Different keys that HMAC treats as one (b"" and b"\0"): the xfail below.
+    assume(listener_key == client_key or not same_key(listener_key, client_key))
     event("keys: equal" if listener_key == client_key else
           "keys: listener only" if client_key is None else
           "keys: client only" if listener_key is None else "keys: different")
@@ -582,13 +644,36 @@ def test_listener_and_client_connect_iff_their_authkeys_are_equal(
         assert_serves_a_good_client(listener, listener_key, impl)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: HMAC pads a key with zero bytes, so authkeys that differ only by trailing NUL "
+    "bytes are one key (and a key over 64 bytes is the same as its SHA-256); docs/protocol.md "
+    "promises that a wrong key fails the handshake"))
+@each_impl
+@pytest.mark.parametrize("listener_key, client_key", [(b"", b"\0"), (b"key", b"key\0\0")])
+def test_authkeys_that_differ_only_in_trailing_zero_bytes_are_different_keys(
+        impl, listener_key, client_key):
+    with channels_of(impl), loopfast.Listener(authkey=listener_key,
+                                              handshake_timeout=HANDSHAKE_TIMEOUT) as listener:
+        accepting = Background(listener.accept)
+        try:
+            client = loopfast.Client(listener.address, authkey=client_key,
+                                     timeout=HANDSHAKE_TIMEOUT)
+        except Exception as exc:
+            client = exc
+        server = outcome_of(accepting)
+        close_if_channel(server)
+        close_if_channel(client)
+        assert type(server) is AuthenticationError, repr(server)
+        assert type(client) is AuthenticationError, repr(client)
+
+
 # ---- 4. a valid handshake in tiny writes -----------------------------------------------------
 
 messages = st.lists(st.binary(max_size=100), min_size=1, max_size=3)
 
 
 @each_impl
-@_settings(max_examples=150)
+@_settings(max_examples=100)
 @given(key=optional_keys, sizes=tiny_chunk_sizes, msgs=messages)
 def test_a_valid_client_handshake_in_tiny_writes_succeeds_at_the_listener(impl, key, sizes, msgs):
     event(f"authkey: {key is not None}")
@@ -613,7 +698,7 @@ def test_a_valid_client_handshake_in_tiny_writes_succeeds_at_the_listener(impl, 
 
 
 @each_impl
-@_settings(max_examples=150)
+@_settings(max_examples=100)
 @given(key=optional_keys, sizes=tiny_chunk_sizes, msgs=messages)
 def test_a_valid_listener_handshake_in_tiny_writes_succeeds_at_the_client(impl, key, sizes, msgs):
     event(f"authkey: {key is not None}")
