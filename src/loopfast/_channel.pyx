@@ -806,6 +806,7 @@ cdef class Channel:
         (TimeoutError; the stream stays intact). Raises EOFError if the peer closed the
         connection between messages, ProtocolError if it vanished in the middle of one, and
         OSError (and the channel stops reading) if the message is longer than `maxlength`.
+        An object message with out-of-band buffers raises OSError and is left for recv().
         """
         cdef Py_ssize_t c_maxlength = -1
         cdef int kind
@@ -912,6 +913,7 @@ cdef class Channel:
         return its size in bytes. A large payload is read from the socket straight into `buf`.
 
         If the message does not fit, raises BufferTooShort with the whole message as args[0].
+        An object message with out-of-band buffers raises OSError and is left for recv().
         """
         cdef Py_buffer view
         cdef Py_ssize_t space, avail, length, filled

@@ -1229,8 +1229,9 @@ class Channel:
 
         It is pickled with multiprocessing's ForkingPickler (so everything multiprocessing can
         send, this can send) at protocol 5: large buffers that support it (numpy arrays,
-        pickle.PickleBuffer) travel out of band, written from their own memory in the same
-        gather write as the pickle, and are received straight into their final memory.
+        pickle.PickleBuffer, anything that pickles its data as one) travel out of band, written
+        from their own memory in the same gather write as the pickle, and are received straight
+        into their final memory.
         An object that cannot be pickled raises here and nothing is sent. With a `serializer`,
         the message is its dumps(obj), in band.
         """
