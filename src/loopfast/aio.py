@@ -38,11 +38,15 @@ Guarantees:
   written, the channel is closed and every later call raises OSError saying so.
 - Backpressure: a send waits (``add_writer``) while the socket's buffer is full. Nothing is
   buffered in Python beyond the unsent rest of the one frame being written (held by the core).
-- Concurrent senders on one channel are serialized (an ``asyncio.Lock``), so frames never
+- Concurrent senders on one channel are serialized (first come, first served), so frames never
   interleave; so are concurrent receivers (each gets whole messages, in arrival order).
 
-An `AsyncChannel` belongs to the event loop that first uses it. Do not use its `.channel` from
-other threads while coroutines use it.
+An `AsyncChannel` belongs to the event loop that first uses it. Close it with ``aclose()`` or
+``close()``, not through ``.channel.close()`` (its socket stays registered with the loop between
+receives), and do not use ``.channel`` from other threads while coroutines use it.
+
+Channels made here (`open_channel`, `Listener`) have ``spin=0``: the asyncio calls never wait in
+the core, so the busy-polling budget would only matter to synchronous use of ``.channel``.
 """
 
 from __future__ import annotations
