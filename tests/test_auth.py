@@ -2,9 +2,10 @@
 whose ends authenticate each other and never pair with a foreign connector.
 
 Raw peers follow docs/protocol.md: hello "<8sHHI32s" = (b"LOOPFAST", 1, flags, 0, nonce), flag
-bit 0 = has authkey; then proof = HMAC-SHA256(key, label + sender_hello + receiver_hello).
+bit 0 = has authkey; then proof = HMAC-SHA256(SHA-256(key), label + sender_hello + receiver_hello).
 """
 
+import hashlib
 import hmac
 import multiprocessing
 import os
@@ -35,7 +36,9 @@ def hello(flags=FLAG_AUTH):
 
 
 def proof(key, label, sender_hello, receiver_hello):
-    return hmac.new(key, label + sender_hello + receiver_hello, "sha256").digest()
+    """docs/protocol.md: HMAC-SHA256 keyed with SHA-256(authkey)."""
+    return hmac.new(hashlib.sha256(key).digest(), label + sender_hello + receiver_hello,
+                    "sha256").digest()
 
 
 def frame(payload, kind=1):

@@ -25,9 +25,8 @@ The other end is a hand-written peer on a plain 127.0.0.1 socket that speaks doc
    has no key;
 4. a valid handshake written in tiny pieces succeeds and the first messages arrive intact.
 
-"Wrong" keys are keys that HMAC-SHA256 tells apart: it pads a key with zero bytes, so b"k" and
-b"k\0" are one key. A strict xfail records that as a core bug (the protocol says a wrong key
-fails the handshake).
+Keys that HMAC alone would not tell apart (b"k" and b"k\0": it pads a key with zero bytes) are
+different keys: the HMAC key is SHA-256(authkey) (docs/protocol.md; this was a bug, found here).
 
 In 1 and 2 the peer sends frames right after its handshake bytes, one of them a pickle whose
 unpickling is recorded: after a failed handshake none of them is ever delivered, the failing side
@@ -59,7 +58,7 @@ from conftest import (  # noqa: E402
     frame,
     recv_exact,
 )
-from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import loopfast  # noqa: E402
@@ -151,22 +150,9 @@ def _nonce():
 
 
 def proof(key, label, sender_hello, receiver_hello):
-    return hmac.new(key, label + sender_hello + receiver_hello, "sha256").digest()
-
-
-def hmac_key(key):
-    """The key HMAC-SHA256 actually uses for `key`: hashed if longer than the 64-byte block,
-    then padded with zero bytes to it."""
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    return key.ljust(64, b"\0")
-
-
-def same_key(a, b):
-    """Whether authkeys `a` and `b` (or None) make the same proofs."""
-    if a is None or b is None:
-        return a is b
-    return hmac_key(a) == hmac_key(b)
+    """docs/protocol.md: HMAC-SHA256 keyed with SHA-256(authkey)."""
+    return hmac.new(hashlib.sha256(key).digest(), label + sender_hello + receiver_hello,
+                    "sha256").digest()
 
 
 def assert_valid_hello(data, has_key):
@@ -480,8 +466,8 @@ ENDINGS = {"truncated then close": "close", "truncated then reset": "reset"}
 def proof_attacks(draw, key):
     attack = draw(st.sampled_from(ATTACKS))
     if attack == "wrong key":
-        # A key that makes other proofs (not merely other bytes: see the xfail below).
-        return attack, draw(keys.map(lambda k: k + b"!" if same_key(k, key) else k))
+        # Any other key (b"k" against b"k\0" included: different keys make different proofs).
+        return attack, draw(keys.map(lambda k: k + b"!" if k == key else k))
     if attack == "flipped bits":  # distinct bytes, each changed: never the right proof
         return attack, draw(st.dictionaries(st.integers(0, PROOF_SIZE - 1), st.integers(1, 255),
                                             min_size=1, max_size=4))
@@ -606,8 +592,6 @@ optional_keys = st.one_of(st.none(), keys)
 def test_listener_and_client_connect_iff_their_authkeys_are_equal(
         impl, listener_key, same, other_key):
     client_key = listener_key if same else other_key
-    # Different keys that HMAC treats as one (b"" and b"\0"): the xfail below.
-    assume(listener_key == client_key or not same_key(listener_key, client_key))
     event("keys: equal" if listener_key == client_key else
           "keys: listener only" if client_key is None else
           "keys: client only" if listener_key is None else "keys: different")
@@ -644,12 +628,9 @@ def test_listener_and_client_connect_iff_their_authkeys_are_equal(
         assert_serves_a_good_client(listener, listener_key, impl)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: HMAC pads a key with zero bytes, so authkeys that differ only by trailing NUL "
-    "bytes are one key (and a key over 64 bytes is the same as its SHA-256); docs/protocol.md "
-    "promises that a wrong key fails the handshake"))
 @each_impl
-@pytest.mark.parametrize("listener_key, client_key", [(b"", b"\0"), (b"key", b"key\0\0")])
+@pytest.mark.parametrize("listener_key, client_key", [
+    (b"", b"\0"), (b"key", b"key\0\0"), (b"k" * 65, hashlib.sha256(b"k" * 65).digest())])
 def test_authkeys_that_differ_only_in_trailing_zero_bytes_are_different_keys(
         impl, listener_key, client_key):
     with channels_of(impl), loopfast.Listener(authkey=listener_key,

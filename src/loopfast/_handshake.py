@@ -5,6 +5,7 @@ Both sides send first and read second, so neither waits for the other (docs/prot
 stay in the channel's receive buffer for the frame parser.
 """
 
+import hashlib
 import hmac
 import os
 import time
@@ -98,7 +99,10 @@ class Handshake:
 
     def _proof(self, label: bytes, first_hello: bytes, second_hello: bytes) -> bytes:
         assert self.authkey is not None
-        return hmac.new(self.authkey, label + first_hello + second_hello, "sha256").digest()
+        # The HMAC key is SHA-256(authkey), not the authkey itself: HMAC pads a key with zero
+        # bytes (and hashes one longer than 64), so b"k" and b"k\0" would be one key.
+        key = hashlib.sha256(self.authkey).digest()
+        return hmac.new(key, label + first_hello + second_hello, "sha256").digest()
 
     def send_proof(self) -> None:
         if self.authkey is None:
