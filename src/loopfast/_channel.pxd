@@ -66,6 +66,7 @@ cdef class Channel:
 
     # The unsent tail of a frame whose send timed out part-way; sent before any later frame.
     cdef object _send_rest          # bytes, or None
+    cdef Py_ssize_t _send_rest_sent  # how much of _send_rest has gone out since
 
     cdef int _blocked               # threads inside a GIL-released call on _fd (see close())
     cdef lf_socket_t _deferred_close_fd  # closed by the last of them, after close() shut it down
@@ -106,7 +107,7 @@ cdef class Channel:
     cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
                           int64_t deadline) except -1
     cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
-                       int64_t deadline) except -1
+                       int64_t deadline, Py_ssize_t *progress=*) except -1
     cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
                          int64_t deadline) except -1
     cdef int _protocol_error(self, str message) except -1

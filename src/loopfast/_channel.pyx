@@ -999,14 +999,17 @@ cdef class Channel:
     # ---- sending ------------------------------------------------------------------------------
 
     cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
-                       int64_t deadline) except -1:
+                       int64_t deadline, Py_ssize_t *progress=NULL) except -1:
         """Write all `total` bytes described by `iov`. If the deadline passes (or a signal
         interrupts) after part of them went out, the rest is copied to _send_rest and goes out
-        before the next frame, so the peer never sees half a frame followed by another."""
+        before the next frame, so the peer never sees half a frame followed by another.
+        With `progress`, nothing is copied: *progress counts the bytes written, for the caller
+        (_flush_rest) to record."""
         cdef Py_ssize_t n, sent = 0
         cdef int err = 0, i
         cdef bint full = False  # the last write was short: the socket buffer is full
         cdef lf_socket_t fd
+        cdef char *p
         while True:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
@@ -1024,6 +1027,8 @@ cdef class Channel:
                 err = lf_last_error()
             if n >= 0:
                 sent += n
+                if progress != NULL:
+                    progress[0] = sent
                 if sent == total:
                     return 0
                 while <size_t>n >= iov[0].len:  # drop what went out
@@ -1046,34 +1051,38 @@ cdef class Channel:
                 else:
                     _raise_os_error(err)
             except BaseException:
-                if sent > 0 and self._fd != LF_INVALID_SOCKET:
-                    rest = bytearray()
+                if sent > 0 and progress == NULL and self._fd != LF_INVALID_SOCKET:
+                    rest = PyBytes_FromStringAndSize(NULL, total - sent)  # one copy
+                    p = PyBytes_AS_STRING(rest)
                     for i in range(count):
-                        rest += (<char *>iov[i].base)[:iov[i].len]
-                    self._send_rest = bytes(rest)
+                        memcpy(p, iov[i].base, iov[i].len)
+                        p += iov[i].len
+                    self._send_rest = rest
+                    self._send_rest_sent = 0
                 raise
 
     cdef int _flush_rest(self, int64_t deadline) except -1:
+        """Write the rest of a frame whose send was interrupted. _send_rest is never copied
+        again: _send_rest_sent records how much of it is out, and it is dropped once all is."""
         cdef lf_iovec iov
+        cdef Py_ssize_t done = self._send_rest_sent, progress = 0
         rest = self._send_rest
-        self._send_rest = None
-        iov.base = PyBytes_AS_STRING(rest)
-        iov.len = PyBytes_GET_SIZE(rest)
+        iov.base = PyBytes_AS_STRING(rest) + done
+        iov.len = PyBytes_GET_SIZE(rest) - done
         try:
-            self._send_all(&iov, 1, iov.len, deadline)
+            self._send_all(&iov, 1, iov.len, deadline, &progress)
         except TimeoutError:
+            self._send_rest_sent = done + progress
             # The caller must be able to tell that *this* message was not sent at all.
-            left = PyBytes_GET_SIZE(self._send_rest) if self._send_rest is not None else iov.len
-            if self._send_rest is None and self._fd != LF_INVALID_SOCKET:
-                self._send_rest = rest  # nothing went out: keep all of it
             raise TimeoutError(
-                f"timed out sending the rest of an earlier message ({iov.len - left} of the "
-                f"{iov.len} bytes left went out); this message was not sent") from None
+                f"timed out sending the rest of an earlier message ({progress} of the "
+                f"{PyBytes_GET_SIZE(rest) - done} bytes left went out); this message was not "
+                "sent") from None
         except BaseException:
-            # Nothing of it went out (else _send_all kept the new, shorter rest): keep it all.
-            if self._send_rest is None and self._fd != LF_INVALID_SOCKET:
-                self._send_rest = rest
+            self._send_rest_sent = done + progress
             raise
+        self._send_rest = None
+        self._send_rest_sent = 0
         return 0
 
     cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
@@ -1182,7 +1191,7 @@ cdef class Channel:
     cdef Py_ssize_t _unsent(self):
         cdef Py_ssize_t n = self._batch_len
         if self._send_rest is not None:
-            n += PyBytes_GET_SIZE(self._send_rest)
+            n += PyBytes_GET_SIZE(self._send_rest) - self._send_rest_sent
         return n
 
     cdef int _end_batch(self, object timeout) except -1:

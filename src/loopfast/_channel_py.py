@@ -377,7 +377,8 @@ class Channel:
         # filled, the bytes of it already received, and the frame kind. While the message is
         # incomplete (a timeout interrupted it) it stays here, so the next receive resumes it.
         "_pending", "_pending_part", "_pending_filled", "_pending_kind",
-        "_send_rest",        # the unsent tail of a frame whose send was interrupted, or None
+        "_send_rest",        # the unsent tail of a frame whose send was interrupted (bytes or a
+                             # memoryview of them), or None
         "_batch_depth", "_batch",  # open batch() blocks; the frames they hold back (bytearray)
         "_send_lock", "_recv_lock",  # one sender / one receiver at a time: frames never interleave
         # close() from another thread while one waits in poll(): see close() and _unblocked().
@@ -1073,9 +1074,12 @@ class Channel:
                                        "message; the rest goes out before the next message")
         except BaseException:
             if sent > 0 and self._sock is not None:
-                views = _remaining_views(parts, sent)
-                self._send_rest = b"".join(views)
-                _release_all(views)
+                if flushing:  # the rest of the rest: a view of it, never copied again
+                    self._send_rest = memoryview(parts[0])[sent:]
+                else:
+                    views = _remaining_views(parts, sent)
+                    self._send_rest = b"".join(views)
+                    _release_all(views)
             raise
 
     def _flush_rest(self, deadline):
