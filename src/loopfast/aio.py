@@ -721,6 +721,7 @@ class Listener:
 
     @property
     def closed(self) -> bool:
+        """True once the listener is closed: it accepts no more connections."""
         return self._sock is None
 
     async def __aenter__(self) -> Listener:
