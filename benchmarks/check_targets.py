@@ -97,6 +97,14 @@ MEMORY_TARGETS = [
      "send", "ratio", "<=", 0.05),
 ]
 
+# issue 7: (what the issue asks, ratio name in the report's "aio" section, op, bound)
+AIO_TARGETS = [
+    ("asyncio 64 B round trip (loopfast.aio) ≤ 1.5 × the sync channel with spin=0",
+     "aio / sync_spin0", "<=", 1.5),
+    ("asyncio 64 B round trip faster than asyncio streams with a 4-byte length prefix",
+     "aio / streams", "<", 1.0),
+]
+
 PASS, MISS, UNKNOWN, SKIP = "PASS", "MISS", "????", "SKIP"
 
 
@@ -187,10 +195,25 @@ def _judge_floors(report: _bench.Report) -> list[tuple[str, str, str]]:
     return verdicts
 
 
+def _judge_aio(report: _bench.Report) -> list[tuple[str, str, str]]:
+    verdicts = []
+    aio = report.get("aio")
+    for text, name, op, bound in AIO_TARGETS:
+        value = None if not aio else aio["ratios"].get(name)
+        if aio is None or value is None:
+            verdicts.append((SKIP, text, "the asyncio round trip was not run"))
+            continue
+        top, bottom = name.split(" / ")
+        measured = (f"{value:.2f}× ({aio['medians'][top] * 1e6:.1f} vs "
+                    f"{aio['medians'][bottom] * 1e6:.1f} µs, pin: {aio['pin']})")
+        verdicts.append((PASS if _compare(value, op, bound) else MISS, text, measured))
+    return verdicts
+
+
 def judge(report: _bench.Report) -> list[tuple[str, str, str]]:
     """[(verdict, target text, measured text)] for every target."""
     return (_judge_ratios(report) + _judge_absolute(report) + _judge_floors(report)
-            + _judge_memory(report))
+            + _judge_memory(report) + _judge_aio(report))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

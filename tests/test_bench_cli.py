@@ -333,3 +333,24 @@ def test_command_is_required():
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
+
+
+def test_quick_bench_measures_the_asyncio_round_trip_beside_sync_and_streams(quick_run):
+    done, report = quick_run
+    aio = report["aio"]
+    rows = set(aio["medians"]) | set(aio["skipped"])
+    assert rows == {"sync_spin0", "aio", "aio_uvloop", "streams", "streams_uvloop"}
+    for row, samples in aio["rows"].items():
+        assert len(samples) == report["settings"]["rounds"]
+        assert all(value > 0 for value in samples), row
+    assert aio["ratios"]["aio / sync_spin0"] == pytest.approx(
+        aio["medians"]["aio"] / aio["medians"]["sync_spin0"])
+    assert aio["ratios"]["aio / streams"] == pytest.approx(
+        aio["medians"]["aio"] / aio["medians"]["streams"])
+    assert "asyncio round trip, 64 B" in done.stdout
+    assert "aio / sync_spin0" in done.stdout
+
+
+def test_a_run_of_chosen_cases_leaves_the_asyncio_round_trip_out(no_numpy_run):
+    _, report = no_numpy_run
+    assert report["aio"] is None

@@ -18,7 +18,7 @@ import sys
 import textwrap
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import _bench, _bench_floors, _bench_plot, _doctor
+from . import _bench, _bench_aio, _bench_floors, _bench_plot, _doctor
 from ._bench import MiB, Report, format_size, format_value
 
 
@@ -48,7 +48,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 2
     try:
         report = _bench.run(args.case, quick=args.quick, rounds=args.rounds,
-                            memory=not args.no_memory, pin=args.pin, floors=args.floors)
+                            memory=not args.no_memory, pin=args.pin, floors=args.floors,
+                            aio=not args.no_aio)
     except (_bench.BenchError, ValueError) as exc:
         print(f"loopfast bench: {exc}", file=sys.stderr)
         return 1
@@ -156,6 +157,10 @@ def format_report(report: Report) -> str:
     if mem:
         lines.append("")
         lines += _memory_lines(mem)
+    aio = report.get("aio")
+    if aio:
+        lines.append("")
+        lines.append(_bench_aio.format_report(aio))
     return "\n".join(lines)
 
 
@@ -279,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "scheduler's choice")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement")
+    bench.add_argument("--no-aio", action="store_true",
+                       help="skip the asyncio round trip (loopfast.aio beside the sync channel "
+                            "and asyncio streams; not run with --case either)")
     bench.add_argument("--list", action="store_true", help="list the cases and peers, and exit")
     bench.set_defaults(handler=_run_bench)
 

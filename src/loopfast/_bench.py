@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import TypeAlias
 
+    from ._bench_aio import AioReport
     from ._bench_floors import FloorsSection
     from ._bench_peers import End
 
@@ -114,6 +115,9 @@ __all__ = [
 ]
 
 SCHEMA = "loopfast-bench/1"
+# Round trips per measurement of the asyncio rows (see _bench_aio).
+AIO_COUNT = 2000
+AIO_QUICK_COUNT = 500
 FULL_ROUNDS = 7
 QUICK_ROUNDS = 3
 # A peer process gives up (and this process kills it) when one command takes longer than this.
@@ -226,6 +230,7 @@ class Report(TypedDict):
     cases: list[CaseReport]
     memory: Optional[MemorySection]
     floors: Optional[FloorsSection]  # the C floors, with --floors DIR
+    aio: Optional[AioReport]  # the asyncio round trip (_bench_aio), unless --no-aio or --case
     duration_s: float
 
 
@@ -1016,11 +1021,12 @@ class _Progress:
 
 def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         rounds: Optional[int] = None, memory: bool = True, pin: str = "none",
-        floors: Optional[str] = None,
+        floors: Optional[str] = None, aio: bool = True,
         progress: Callable[[str], None] = _stderr) -> Report:
     """Run the bench and return its report (a JSON-ready dict; `format_report` prints it).
     `floors`: a directory holding the C floor programs (pingpong.c, stream.c), compiled and run
-    in every round (see _bench_floors)."""
+    in every round (see _bench_floors). `aio`: also measure the asyncio round trip (_bench_aio),
+    in a run of all the default cases (not with `case_names`)."""
     from . import _bench_floors
     own_cpus, peer_cpus = pinning(pin)
     if case_names:
@@ -1052,6 +1058,7 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         "cases": [],
         "memory": None,
         "floors": None,
+        "aio": None,
         "duration_s": 0.0,
     }
     skipped = report["skipped_peers"]
@@ -1112,6 +1119,10 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
     if memory:
         from ._bench_memory import run_memory
         report["memory"] = run_memory(quick, show)
+    if aio and not case_names:
+        from . import _bench_aio
+        report["aio"] = _bench_aio.run(rounds=rounds, count=AIO_QUICK_COUNT if quick else
+                                       AIO_COUNT, pin=pin, progress=show.status)
     report["duration_s"] = time.perf_counter() - t0
     return report
 
