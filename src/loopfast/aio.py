@@ -281,19 +281,12 @@ class AsyncChannel:
             return err
         return OSError("handle is closed")
 
-    async def _readable(self) -> None:
+    async def _socket_ready(self, writable: bool = False) -> None:
+        """Wait until the socket is readable (or, with `writable`, has room)."""
         if self._closed or self._channel.closed:
             raise self._closed_error()
         ready = self._ready or self._bind()
-        await ready.readable()
-        if self._closed:
-            raise OSError("handle is closed (by aclose() or close(), while this call waited)")
-
-    async def _writable(self) -> None:
-        if self._closed or self._channel.closed:
-            raise self._closed_error()
-        ready = self._ready or self._bind()
-        await ready.writable()
+        await (ready.writable() if writable else ready.readable())
         if self._closed:
             raise OSError("handle is closed (by aclose() or close(), while this call waited)")
 
@@ -332,7 +325,7 @@ class AsyncChannel:
                     except BaseException:
                         self._after_error()
                         raise
-                # Wait for the socket (inlined self._readable(): no coroutine per wait).
+                # Wait for the socket (inlined self._socket_ready(): no coroutine per wait).
                 if self._closed or ch.closed:
                     raise self._closed_error()
                 fut = readiness.reader()
@@ -374,7 +367,7 @@ class AsyncChannel:
         if timeout is not None and timeout <= 0:
             return False
         try:
-            await asyncio.wait_for(self._readable(), timeout)
+            await asyncio.wait_for(self._socket_ready(), timeout)
         except asyncio.TimeoutError:
             return False
         return True
@@ -417,7 +410,7 @@ class AsyncChannel:
                 except BaseException:
                     self._after_error()
                     raise
-                await self._writable()  # nothing went out: try again once there is room
+                await self._socket_ready(writable=True)  # nothing went out: retry when room
             await self._flush_queued()
         finally:
             gate.release()
@@ -456,7 +449,7 @@ class AsyncChannel:
                     return
                 except TimeoutError:
                     pass
-                await self._writable()
+                await self._socket_ready(writable=True)
         except asyncio.CancelledError:
             raise  # the loop is shutting down: the rest stays queued in the core
         except BaseException as exc:
@@ -547,7 +540,7 @@ async def _available(achannel: AsyncChannel, size: int) -> None:
             if data:
                 await asyncio.sleep(_PARTIAL_HANDSHAKE_POLL)  # part of it: the rest is coming
             else:
-                await achannel._readable()
+                await achannel._socket_ready()
     finally:
         peek.detach()
 
