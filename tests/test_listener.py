@@ -295,3 +295,97 @@ def test_max_message_size_keyword_reaches_the_channels():
 def test_connecting_where_nothing_listens_raises_connection_refused(connector):
     with pytest.raises(ConnectionRefusedError):
         CONNECTORS[connector](("127.0.0.1", _unused_port()))
+
+
+# ---- handshakes side by side: a silent or slow client holds up no one ----------------------------
+
+def _client_in_thread(pool, address, authkey=None):
+    return pool.submit(loopfast.Client, address, authkey=authkey, timeout=30)
+
+
+@pytest.mark.parametrize("stall", ["silent", "half-hello"])
+def test_a_stalled_client_does_not_hold_up_the_next_one(stall):
+    """With serial handshakes, accept() would wait out the stalled client's handshake_timeout
+    and raise TimeoutError; instead it returns the good client that connected after it."""
+    with loopfast.Listener(authkey=b"key", handshake_timeout=20) as listener, \
+            socket.create_connection(listener.address, timeout=30) as stalled, \
+            ThreadPoolExecutor(1) as pool:
+        if stall == "half-hello":
+            stalled.sendall(b"LOOPFAST\x01")
+        good = _client_in_thread(pool, listener.address, b"key")
+        with listener.accept() as server, good.result(timeout=30) as client:
+            assert listener.last_accepted == client_address(client)
+            client.send_bytes(b"through")
+            assert server.recv_bytes(timeout=30) == b"through"
+
+
+def client_address(channel):
+    with socket.socket(fileno=os.dup(channel.fileno())) as sock:
+        return sock.getsockname()[:2]
+
+
+def test_a_stalled_client_times_out_at_a_later_accept_and_is_disconnected():
+    with loopfast.Listener(handshake_timeout=0.5) as listener, \
+            socket.create_connection(listener.address, timeout=30) as stalled, \
+            ThreadPoolExecutor(1) as pool:
+        good = _client_in_thread(pool, listener.address)
+        with listener.accept(), good.result(timeout=30):
+            pass
+        with pytest.raises(TimeoutError, match="did not complete the loopfast handshake"):
+            listener.accept()
+        data = b""
+        while True:  # the listener's hello, then the end of the connection
+            chunk = stalled.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert data[:8] == b"LOOPFAST" and len(data) == HELLO.size
+
+
+def test_a_failed_handshake_raises_and_the_handshakes_under_way_carry_on():
+    with loopfast.Listener(authkey=b"key", handshake_timeout=20) as listener, \
+            socket.create_connection(listener.address, timeout=30) as stalled, \
+            ThreadPoolExecutor(2) as pool:
+        wrong = _client_in_thread(pool, listener.address, b"wrong")
+        with pytest.raises(loopfast.AuthenticationError):
+            listener.accept()
+        with pytest.raises(loopfast.AuthenticationError):
+            wrong.result(timeout=30)
+        good = _client_in_thread(pool, listener.address, b"key")
+        with listener.accept() as server, good.result(timeout=30) as client:
+            client.send_bytes(b"ok")
+            assert server.recv_bytes(timeout=30) == b"ok"
+        assert stalled.recv(HELLO.size)[:8] == b"LOOPFAST"  # still connected, still waited on
+
+
+def test_close_disconnects_the_clients_whose_handshake_had_not_finished():
+    listener = loopfast.Listener(handshake_timeout=20)
+    with socket.create_connection(listener.address, timeout=30) as stalled, \
+            ThreadPoolExecutor(1) as pool:
+        good = _client_in_thread(pool, listener.address)
+        with listener.accept(), good.result(timeout=30):
+            pass
+        listener.close()
+        data = b""
+        while True:
+            chunk = stalled.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert len(data) == HELLO.size  # the hello it got, then the end
+
+
+def test_two_threads_accepting_at_once_each_get_a_client():
+    with loopfast.Listener(backlog=4) as listener, ThreadPoolExecutor(4) as pool:
+        accepts = [pool.submit(listener.accept) for _ in range(2)]
+        clients = [_client_in_thread(pool, listener.address) for _ in range(2)]
+        servers = [future.result(timeout=30) for future in accepts]
+        connected = [future.result(timeout=30) for future in clients]
+        try:
+            for i, client in enumerate(connected):
+                client.send_bytes(b"%d" % i)
+            got = sorted(server.recv_bytes(timeout=30) for server in servers)
+            assert got == [b"0", b"1"]
+        finally:
+            for channel in servers + connected:
+                channel.close()

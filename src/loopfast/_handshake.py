@@ -32,6 +32,10 @@ LISTENER = "listener"
 CONNECTOR = "connector"
 
 
+class _WouldBlock(Exception):
+    """A read step of a nonblocking handshake (Handshake.advance) needs bytes not yet arrived."""
+
+
 class Handshake:
     """One side of the handshake on one channel, split into steps so that `Pipe()` can drive
     both ends of a connection from one thread."""
@@ -48,6 +52,9 @@ class Handshake:
         flags = HELLO_FLAG_AUTH if authkey is not None else 0
         self.hello = HELLO.pack(MAGIC, VERSION, flags, 0, os.urandom(NONCE_SIZE))
         self.peer_hello = b""
+        self._partial = b""  # what a read step that would have blocked (advance()) has so far
+        self._blocking = True
+        self._steps: Optional[List[Callable[[], None]]] = None  # advance()'s steps still to run
 
     def _remaining(self) -> Optional[float]:
         if self.deadline is None:
@@ -58,14 +65,19 @@ class Handshake:
         return remaining
 
     def _read(self, size: int, what: Type[Exception]) -> bytes:
-        data = b""
+        data, self._partial = self._partial, b""
         while len(data) < size:
+            timeout = self._remaining()  # TimeoutError once the deadline has passed
             try:
-                data += self.channel._recv_raw(size - len(data), timeout=self._remaining())
+                data += self.channel._recv_raw(size - len(data),
+                                               timeout=timeout if self._blocking else 0)
             except (EOFError, ConnectionResetError) as exc:
                 raise what(f"the peer closed the connection during the handshake "
                            f"(after {len(data)} of {size} bytes: {exc})") from None
             except TimeoutError:
+                if not self._blocking:
+                    self._partial = data  # the step runs again when more has arrived
+                    raise _WouldBlock from None
                 raise TimeoutError("the peer did not complete the loopfast handshake in time") \
                     from None
             if what is ProtocolError and MAGIC[:len(data)] != data[:len(MAGIC)]:
@@ -118,6 +130,23 @@ class Handshake:
         expected = self._proof(label, self.peer_hello, self.hello)
         if not hmac.compare_digest(received, expected):
             raise AuthenticationError("digest received was wrong")
+
+    def advance(self) -> bool:
+        """Run the steps as far as the bytes received so far allow, without waiting for more:
+        True once the handshake is complete, False if it waits for the peer (call again when the
+        channel's socket is readable). Raises as the blocking steps do, TimeoutError included
+        once the deadline has passed. Reads are resumed where they stopped; the writes (48 and
+        32 bytes on a fresh connection) always fit in the socket buffer."""
+        if self._steps is None:
+            self._steps = [self.send_hello, self.read_hello, self.send_proof, self.check_proof]
+            self._blocking = False
+        while self._steps:
+            try:
+                self._steps[0]()
+            except _WouldBlock:
+                return False
+            del self._steps[0]
+        return True
 
 
 def _run(steps: List[Callable[[], None]], channels: List["Channel"]) -> None:

@@ -8,7 +8,9 @@ under that name). Differences are listed in README.md ("Migrating from multiproc
 import multiprocessing.connection
 import os
 import select
+import selectors
 import socket
+import threading
 import time
 from types import TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple, Type, Union
@@ -16,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple, Type, U
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
-from ._handshake import CONNECTOR, LISTENER, handshake, handshake_pair
+from ._handshake import CONNECTOR, LISTENER, Handshake, handshake, handshake_pair
 from ._implementation import CHANNEL_TYPES, Channel
 from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from ._spin import channel_spin
@@ -83,6 +85,7 @@ class Listener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(sockaddr)
             sock.listen(backlog)
+            sock.setblocking(False)  # accept() waits in a selector (see _next_handshaken)
         except BaseException:
             sock.close()
             raise
@@ -94,27 +97,94 @@ class Listener:
         self._options: Dict[str, Any] = {
             "max_message_size": max_message_size, "serializer": serializer, "spin": spin}
         self._last_accepted: Optional[Tuple[str, int]] = None
+        # Connections accepted whose handshake is under way (see accept()), and their peers.
+        self._handshakes: List[Handshake] = []
+        self._peers: Dict[Handshake, Tuple[str, int]] = {}
+        self._accepting = threading.Lock()  # one accept() at a time
 
     def accept(self) -> Channel:
-        """Wait for a client, run the handshake (and authentication) and return its Channel."""
-        if self._socket is None:
-            raise OSError("listener is closed")
-        sock, peer = self._socket.accept()
+        """Wait for a client, run the handshake (and authentication) and return its Channel.
+
+        Handshakes run side by side: while one client is silent or slow, the connections behind
+        it are accepted and their handshakes go on, and the first to finish is returned (a
+        client that never sends a hello holds up no one; after `handshake_timeout` its
+        connection is closed and accept() raises TimeoutError). A handshake that fails raises
+        here (AuthenticationError, ProtocolError, TimeoutError), as multiprocessing's accept()
+        does; the handshakes still under way wait for the next call."""
+        with self._accepting:
+            while True:
+                if self._socket is None:
+                    raise OSError("listener is closed")
+                channel = self._next_handshaken()
+                if channel is not None:
+                    return channel
+
+    def _next_handshaken(self) -> Optional[Channel]:
+        """Wait for one event (a new connection, handshake bytes, a handshake deadline): the
+        channel whose handshake it completed, or None."""
+        assert self._socket is not None
+        now = time.monotonic()
+        timeout = None
+        for side in self._handshakes:
+            if side.deadline is not None:
+                left = max(0.0, side.deadline - now)
+                timeout = left if timeout is None else min(timeout, left)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._socket, selectors.EVENT_READ, None)
+            for side in self._handshakes:
+                selector.register(side.channel.fileno(), selectors.EVENT_READ, side)
+            events = selector.select(timeout)
+        sides: List[Handshake] = [key.data for key, _ in events if key.data is not None]
+        if any(key.data is None for key, _ in events):
+            new = self._accept_connection()
+            if new is not None:
+                sides.append(new)
+        now = time.monotonic()
+        sides += [side for side in self._handshakes
+                  if side.deadline is not None and side.deadline <= now and side not in sides]
+        for side in sides:
+            try:
+                done = side.advance()
+            except BaseException:
+                self._handshakes.remove(side)
+                self._last_accepted = self._peers.pop(side)  # as multiprocessing: set on failure
+                side.channel.close()
+                raise
+            if done:
+                self._handshakes.remove(side)
+                self._last_accepted = self._peers.pop(side)
+                channel: Channel = side.channel
+                return channel
+        return None
+
+    def _accept_connection(self) -> Optional[Handshake]:
+        assert self._socket is not None
+        try:
+            sock, peer = self._socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return None  # the connection went away before it was accepted
         try:
             check_peer(peer)
-        except ValueError:
+            channel = Channel(sock.fileno(), **self._options)
+        except BaseException:
             sock.close()
             raise
-        self._last_accepted = peer[:2]
-        channel = Channel(sock.detach(), **self._options)
-        handshake(channel, self._authkey, LISTENER, self._handshake_timeout)
-        return channel
+        sock.detach()
+        side = Handshake(channel, self._authkey, LISTENER, self._handshake_timeout)
+        self._handshakes.append(side)
+        self._peers[side] = peer[:2]
+        return side
 
     def close(self) -> None:
-        """Stop listening. Channels already accepted stay open."""
+        """Stop listening. Channels already accepted stay open; connections whose handshake had
+        not finished are closed."""
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
+        handshakes, self._handshakes = self._handshakes, []
+        self._peers.clear()
+        for side in handshakes:
+            side.channel.close()
 
     @property
     def address(self) -> Tuple[str, int]:
