@@ -546,6 +546,45 @@ def test_accept_times_out_on_a_silent_client(run):
     run(main)
 
 
+@pytest.mark.parametrize("stall", [b"", b"LOOPFAST\x01"], ids=["silent", "half-hello"])
+def test_a_stalled_client_does_not_hold_up_the_next_one(run, stall):
+    """Serial handshakes would make accept() wait out the stalled client's 20 s and raise."""
+    async def main():
+        async with aio.Listener(authkey=b"k", handshake_timeout=20) as listener:
+            with socket.create_connection(listener.address) as stalled:
+                stalled.sendall(stall)
+                accepting = asyncio.ensure_future(listener.accept())
+                await asyncio.sleep(0.05)  # the stalled connection is taken in first
+                async with await aio.open_channel(listener.address, authkey=b"k") as client:
+                    async with await asyncio.wait_for(accepting, RECV_TIMEOUT) as server:
+                        await client.send_bytes(b"through")
+                        assert await server.recv_bytes() == b"through"
+
+    run(main)
+
+
+def test_closing_the_listener_disconnects_unfinished_handshakes(run):
+    async def main():
+        listener = aio.Listener(handshake_timeout=20)
+        with socket.create_connection(listener.address) as stalled:
+            stalled.settimeout(RECV_TIMEOUT)
+            accepting = asyncio.ensure_future(listener.accept())
+            async with await aio.open_channel(listener.address) as client, \
+                    await asyncio.wait_for(accepting, RECV_TIMEOUT):
+                assert not client.closed
+            listener.close()
+            loop = asyncio.get_running_loop()
+            data = b""
+            while True:  # the listener's hello, then the end of the connection
+                chunk = await loop.run_in_executor(None, stalled.recv, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data[:8] == b"LOOPFAST" and len(data) == 48
+
+    run(main)
+
+
 def test_open_channel_times_out_on_a_silent_server(run):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

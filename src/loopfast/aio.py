@@ -660,47 +660,90 @@ class Listener:
             "max_message_size": max_message_size, "serializer": serializer, "spin": spin}
         self._ready: Optional[_Readiness] = None
         self._last_accepted: Optional[Tuple[str, int]] = None
+        # Handshakes under way (see accept()): task (giving the channel and the peer's address)
+        # -> the channel it handshakes.
+        self._handshakes: Dict[asyncio.Future[Tuple[AsyncChannel, Tuple[str, int]]],
+                               AsyncChannel] = {}
 
     async def accept(self) -> AsyncChannel:
-        """Wait for a client, run the handshake (and authentication) and return its channel."""
-        sock = self._sock
-        if sock is None:
+        """Wait for a client, run the handshake (and authentication) and return its channel.
+
+        Handshakes run side by side, each in a task of this listener: while one client is
+        silent or slow, the connections behind it are accepted and handshaken, and the first to
+        finish is returned. A failed handshake raises here (AuthenticationError, ProtocolError,
+        TimeoutError after `handshake_timeout`); the others carry on for the next call."""
+        if self._sock is None:
             raise OSError("listener is closed")
         if self._ready is None:
-            self._ready = _Readiness(_running_loop(), sock.fileno())
+            self._ready = _Readiness(_running_loop(), self._sock.fileno())
+        while True:
+            for task in self._handshakes:
+                if task.done():
+                    del self._handshakes[task]
+                    achannel, peer = task.result()  # raises what the handshake raised
+                    self._last_accepted = peer
+                    return achannel
+            self._accept_waiting()
+            if any(task.done() for task in self._handshakes):
+                continue
+            readable = self._ready.reader()
+            waiting: List[asyncio.Future[Any]] = [readable, *self._handshakes]
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._ready.forget_reader(readable)
+            if self._sock is None:
+                raise OSError("listener is closed (while accept() waited)")
+
+    def _accept_waiting(self) -> None:
+        """Accept every connection waiting in the backlog; start a handshake task for each."""
+        sock = self._sock
+        assert sock is not None
         while True:
             try:
                 conn, peer = sock.accept()
-                break
             except (BlockingIOError, InterruptedError):
-                pass
-            await self._ready.readable()
-            if self._sock is None:
-                raise OSError("listener is closed (while accept() waited)")
-        try:
-            check_peer(peer)
-            channel = Channel(conn.fileno(), **self._options)
-        except BaseException:
-            conn.close()
-            raise
-        conn.detach()
-        self._last_accepted = peer[:2]
-        achannel = AsyncChannel(channel)
+                return
+            try:
+                check_peer(peer)
+                channel = Channel(conn.fileno(), **self._options)
+            except BaseException:
+                conn.close()
+                raise
+            conn.detach()
+            achannel = AsyncChannel(channel)
+            task = asyncio.ensure_future(self._handshake(achannel, peer[:2]))
+            self._handshakes[task] = achannel
+
+    async def _handshake(self, achannel: AsyncChannel,
+                         peer: Tuple[str, int]) -> Tuple[AsyncChannel, Tuple[str, int]]:
         try:
             await _handshake(achannel, self._authkey, LISTENER, self._handshake_timeout)
         except BaseException:
+            self._last_accepted = peer  # as multiprocessing: set for a failed client too
             achannel.close()
             raise
-        return achannel
+        return achannel, peer
 
     def close(self) -> None:
-        """Stop listening; a pending accept() raises OSError. Accepted channels stay open."""
+        """Stop listening; a pending accept() raises OSError. Accepted channels stay open;
+        connections whose handshake had not finished are closed."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
         if self._ready is not None:
             self._ready.close()
         self._listener.close()
+        handshakes, self._handshakes = self._handshakes, {}
+        for task, achannel in handshakes.items():
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed one is not reported as never retrieved
+            else:
+                try:
+                    task.cancel()
+                except RuntimeError:  # its event loop is closed already
+                    pass
+            achannel.close()  # handshaken and never handed out, or never to finish
 
     @property
     def address(self) -> Tuple[str, int]:
