@@ -1008,7 +1008,8 @@ def format_report(result: Dict[str, Any]) -> str:
     t = result["totals"]
     lines = [
         f"loopfast soak: {result['processes']} processes, Pipe (1 sender each way) and "
-        f"Listener/Client ({result['threads']} senders each way) links in a ring, messages "
+        f"Listener/Client ({result['threads']} sender{'s' * (result['threads'] != 1)} each way) "
+        f"links in a ring, messages "
         f"0 B to {result['max_size']:,} B, seed {result['seed']}"
         + (" (INTERRUPTED: partial report)" if result["interrupted"] else ""),
         f"duration      {result['seconds']:.1f} s (requested {result['requested_seconds']:g})",
