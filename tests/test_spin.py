@@ -123,3 +123,40 @@ def test_a_wait_that_times_out_uses_no_more_cpu_than_its_spin_budget():
     # The budget plus generous room for the interpreter's own work; without the fallback to a
     # sleeping wait this would be ~1 s.
     assert cpu < 0.25, f"{cpu:.3f} s of CPU for a 20 ms spin budget"
+
+
+@pytest.fixture
+def without_shared_cpu_detection():
+    """Spins run to their budget even on a busy machine, where another thread running on this
+    CPU would otherwise end them early (which hides a spin that ignores its budget)."""
+    from loopfast import _channel
+    _channel._set_shared_cpu_detection(False)
+    try:
+        yield
+    finally:
+        _channel._set_shared_cpu_detection(True)
+
+
+@pytest.mark.skipif(loopfast.implementation != "compiled", reason="only the compiled core spins")
+@pytest.mark.usefixtures("without_shared_cpu_detection")
+def test_a_wait_that_times_out_spins_for_its_budget_then_sleeps():
+    """1 s waiting for a message that never comes, 20 ms spin budget: the spin lasts the budget
+    (it is measured by the clock it checks, so load cannot make it shorter) and then the wait
+    sleeps; a spin that ran on to the deadline would take ~1 s."""
+    a, b = loopfast.Pipe(spin=20_000)
+    with a, b:
+        with pytest.raises(TimeoutError):
+            b.recv_bytes(timeout=1.0)
+        spun = b._spin_time()
+    assert 0.019 < spun < 0.5, f"spun {spun:.3f} s"
+
+
+@pytest.mark.skipif(loopfast.implementation != "compiled", reason="only the compiled core spins")
+@pytest.mark.usefixtures("without_shared_cpu_detection")
+def test_a_spin_ends_when_the_message_arrives():
+    a, b = loopfast.Pipe(spin=5_000_000)  # 5 s: far more than the wait below
+    with a, b:
+        threading.Timer(0.05, a.send_bytes, (b"late",)).start()
+        assert b.recv_bytes(timeout=30) == b"late"
+        spun = b._spin_time()
+    assert 0.03 < spun < 4.0, f"spun {spun:.3f} s"

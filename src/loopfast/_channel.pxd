@@ -46,6 +46,7 @@ cdef class Channel:
     cdef int64_t _spin_ns           # busy-poll budget before a wait sleeps; -1: process default
     cdef int _spin_skip             # waits left that sleep without spinning (the CPU was shared)
     cdef int _spin_backoff          # how many the last contention made skip (doubles, to 1024)
+    cdef int64_t _spun_ns           # time spent busy-polling, in all (_spin_time())
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
 
     # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed. One recv()

@@ -122,6 +122,15 @@ def _set_default_spin_ns(int64_t nanoseconds):
     _default_spin_ns = nanoseconds
 
 
+cdef bint _detect_shared_cpu = True  # off only in tests of the spin budget itself
+
+
+def _set_shared_cpu_detection(bint on):
+    """For tests: whether a spin stops early when its CPU turns out to be shared."""
+    global _detect_shared_cpu
+    _detect_shared_cpu = on
+
+
 cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns,
                            int64_t deadline) noexcept nogil:
     """poll() with a zero timeout until the socket is ready (returns > 0), the spin budget or the
@@ -155,7 +164,7 @@ cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns,
             # CPU to itself (an interrupt, the hypervisor), which ended long spins at once.
             now = lf_monotonic_ns()
             lf_yield()
-            if lf_monotonic_ns() - now > SPIN_CONTENDED_NS:
+            if _detect_shared_cpu and lf_monotonic_ns() - now > SPIN_CONTENDED_NS:
                 slow_yields += 1
                 if slow_yields >= 2:
                     return SPIN_CONTENDED
@@ -508,7 +517,7 @@ cdef class Channel:
     cdef int _wait(self, short events, int64_t deadline) except -1:
         """Wait with the GIL released until the socket is ready for `events`.
         Returns 0 when ready, 1 when the deadline passed (would-block is a value, not an error)."""
-        cdef int64_t remaining
+        cdef int64_t remaining, started
         cdef int timeout_ms, rc, err
         cdef short revents = 0
         cdef lf_socket_t fd = self._fd
@@ -524,7 +533,9 @@ cdef class Channel:
                 # tight loop with the GIL released, up to the spin budget; then sleep in poll().
                 self._blocked += 1
                 with nogil:
+                    started = lf_monotonic_ns()
                     rc = _spin_until_ready(fd, events, spin_ns, deadline)
+                    self._spun_ns += lf_monotonic_ns() - started
                 self._unblocked()
                 if rc > 0 and rc != SPIN_READY_SHARED:
                     self._spin_backoff = 0
@@ -985,6 +996,10 @@ cdef class Channel:
         if self._rend > self._rstart or self._pending is not None:
             return True
         return self._wait(LF_POLLIN, _deadline(timeout)) == 0
+
+    def _spin_time(self):
+        """Seconds this channel has spent busy-polling, in all (for tests and diagnostics)."""
+        return self._spun_ns / 1e9
 
     def _has_message(self):
         """True if a whole message is already in the receive buffer (no syscall)."""

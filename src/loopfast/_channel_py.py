@@ -1004,6 +1004,10 @@ class Channel:
             return True
         return not self._wait(_POLLIN, _deadline(timeout))
 
+    def _spin_time(self):
+        """Seconds this channel has spent busy-polling: always 0 (the twin never spins)."""
+        return 0.0
+
     def _has_message(self):
         """True if a whole message is already in the receive buffer (no syscall)."""
         avail = self._rend - self._rstart
