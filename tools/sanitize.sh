@@ -25,7 +25,8 @@ echo "building the sanitizer build in $WORK" >&2
 
 if [ "$#" -eq 0 ]; then
     set -- tests/test_channel.py tests/test_twin.py tests/test_batch.py tests/test_objects.py \
-        tests/test_properties.py tests/test_spin.py tests/test_mp_compat.py -m "not slow"
+        tests/test_properties.py tests/test_spin.py tests/test_mp_compat.py tests/test_faults.py \
+        tests/test_threads.py tests/test_fuzz_corpus.py tests/test_aio.py -m "not slow"
 fi
 
 cd "$WORK"
