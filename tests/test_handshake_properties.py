@@ -495,6 +495,30 @@ def bad_proof(attack, param, key, own_label, own_hello, peer_hello):
     return proof(key, own_label, peer_hello, own_hello)
 
 
+def attack_with_a_bad_proof(sock, attack, param, key, own_label, peer_hello, old_hello,
+                            old_proof, frames, sizes):
+    """Play the attacking side on `sock` once the peer's hello (`peer_hello`) has arrived: a hello
+    and a bad proof (or, for "reflected", the peer's own hello and proof sent back), then frames,
+    in chunks of `sizes`; the ENDINGS attacks cut the proof and end the connection instead."""
+    if attack == "reflected":  # its own hello, then its own proof, back to it
+        send_chunks(sock, [peer_hello])
+        stream = recv_exact(sock, PROOF_SIZE) + frames.wire
+    elif attack == "replayed session":
+        stream = old_hello + old_proof + frames.wire
+    elif attack == "replayed proof":
+        stream = make_hello(FLAG_AUTH) + old_proof + frames.wire
+    else:
+        own = make_hello(FLAG_AUTH)
+        stream = own + bad_proof(attack, param, key, own_label, own, peer_hello)
+        if attack not in ENDINGS:
+            stream += frames.wire
+    send_chunks(sock, cut(stream, sizes))
+    if attack in ENDINGS:
+        # The other side's proof: it has read our hello; a reset cannot overtake it.
+        recv_exact(sock, PROOF_SIZE)
+        end_connection(sock, ENDINGS[attack])
+
+
 @each_impl
 @_settings(max_examples=150)
 @given(key=keys, data=st.data())
@@ -504,6 +528,7 @@ def test_a_bad_client_proof_is_an_authentication_error_at_the_listener(impl, key
     event(f"attack: {attack}")
     with channels_of(impl), \
             loopfast.Listener(authkey=key, handshake_timeout=HANDSHAKE_TIMEOUT) as listener:
+        old_hello = old_proof = old_listener_hello = b""
         if attack.startswith("replayed"):
             old_hello, old_proof, old_listener_hello, _ = record_session(listener, key)
         frames = PeerFrames()
@@ -511,24 +536,10 @@ def test_a_bad_client_proof_is_an_authentication_error_at_the_listener(impl, key
             accepting = Background(listener.accept)
             listener_hello = recv_exact(raw, HELLO.size)
             assert_valid_hello(listener_hello, True)
-            if attack == "reflected":  # its own hello, then its own proof, back to it
-                send_chunks(raw, [listener_hello])
-                stream = recv_exact(raw, PROOF_SIZE) + frames.wire
-            elif attack == "replayed session":
+            if attack == "replayed session":
                 assert listener_hello != old_listener_hello  # a fresh nonce
-                stream = old_hello + old_proof + frames.wire
-            elif attack == "replayed proof":
-                stream = make_hello(FLAG_AUTH) + old_proof + frames.wire
-            else:
-                own = make_hello(FLAG_AUTH)
-                stream = own + bad_proof(attack, param, key, CONNECTOR_LABEL, own, listener_hello)
-                if attack not in ENDINGS:
-                    stream += frames.wire
-            send_chunks(raw, cut(stream, sizes))
-            if attack in ENDINGS:
-                # The other side's proof: it has read our hello; a reset cannot overtake it.
-                recv_exact(raw, PROOF_SIZE)
-                end_connection(raw, ENDINGS[attack])
+            attack_with_a_bad_proof(raw, attack, param, key, CONNECTOR_LABEL, listener_hello,
+                                    old_hello, old_proof, frames, sizes)
             got = outcome_of(accepting)
             close_if_channel(got)
             assert_outcome(got, AuthenticationError, impl)
@@ -546,6 +557,7 @@ def test_a_bad_listener_proof_is_an_authentication_error_at_the_client(impl, key
     sizes = data.draw(chunk_sizes, "chunk sizes")
     event(f"attack: {attack}")
     with channels_of(impl):
+        old_hello = old_proof = b""
         if attack.startswith("replayed"):  # a real Listener's hello and proof
             with loopfast.Listener(authkey=key, handshake_timeout=HANDSHAKE_TIMEOUT) as real:
                 _, _, old_hello, old_proof = record_session(real, key)
@@ -556,23 +568,8 @@ def test_a_bad_listener_proof_is_an_authentication_error_at_the_client(impl, key
             with accept_raw(fake) as conn:
                 client_hello = recv_exact(conn, HELLO.size)
                 assert_valid_hello(client_hello, True)
-                if attack == "reflected":
-                    send_chunks(conn, [client_hello])
-                    stream = recv_exact(conn, PROOF_SIZE) + frames.wire
-                elif attack == "replayed session":
-                    stream = old_hello + old_proof + frames.wire
-                elif attack == "replayed proof":
-                    stream = make_hello(FLAG_AUTH) + old_proof + frames.wire
-                else:
-                    own = make_hello(FLAG_AUTH)
-                    stream = own + bad_proof(attack, param, key, LISTENER_LABEL, own, client_hello)
-                    if attack not in ENDINGS:
-                        stream += frames.wire
-                send_chunks(conn, cut(stream, sizes))
-                if attack in ENDINGS:
-                    # The other side's proof: it has read our hello; a reset cannot overtake it.
-                    recv_exact(conn, PROOF_SIZE)
-                    end_connection(conn, ENDINGS[attack])
+                attack_with_a_bad_proof(conn, attack, param, key, LISTENER_LABEL, client_hello,
+                                        old_hello, old_proof, frames, sizes)
                 got = outcome_of(connecting)
                 close_if_channel(got)
                 assert_outcome(got, AuthenticationError, impl)
