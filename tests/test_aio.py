@@ -563,6 +563,17 @@ def test_a_stalled_client_does_not_hold_up_the_next_one(run, stall):
     run(main)
 
 
+def test_a_peer_that_is_not_loopfast_is_refused_at_its_first_wrong_byte(run):
+    async def main():
+        async with aio.Listener(handshake_timeout=60) as listener:
+            with socket.create_connection(listener.address) as raw:
+                raw.sendall(b"GET ")
+                with pytest.raises(loopfast.ProtocolError, match="not a loopfast channel"):
+                    await asyncio.wait_for(listener.accept(), RECV_TIMEOUT)
+
+    run(main)
+
+
 def test_closing_the_listener_disconnects_unfinished_handshakes(run):
     async def main():
         listener = aio.Listener(handshake_timeout=20)

@@ -389,3 +389,12 @@ def test_two_threads_accepting_at_once_each_get_a_client():
         finally:
             for channel in servers + connected:
                 channel.close()
+
+
+def test_a_peer_that_is_not_loopfast_is_refused_at_its_first_wrong_byte():
+    """No wait for a whole hello (or for handshake_timeout): 4 bytes of HTTP are enough."""
+    with loopfast.Listener(handshake_timeout=60) as listener, \
+            socket.create_connection(listener.address, timeout=30) as raw:
+        raw.sendall(b"GET ")
+        with pytest.raises(loopfast.ProtocolError, match="not a loopfast channel"):
+            listener.accept()

@@ -73,7 +73,7 @@ from typing import (
 from ._address import check_peer, resolve
 from ._handshake import CONNECTOR, LISTENER, Handshake
 from ._implementation import Channel
-from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, HELLO, PROOF_SIZE
+from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from .connection import Address, Serializer, _check_authkey
 from .connection import Listener as _SyncListener
 
@@ -85,10 +85,6 @@ __all__ = ["AsyncChannel", "Listener", "open_channel", "start_listener"]
 _T = TypeVar("_T")
 _SelfChannel = TypeVar("_SelfChannel", bound="AsyncChannel")
 
-# While the handshake waits for the rest of a partly arrived hello or proof, how long to sleep
-# between two looks (the socket stays readable, so waiting for readability would spin).
-_PARTIAL_HANDSHAKE_POLL = 0.005
-_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 # Default backlog of an asyncio Listener: an async server accepts many clients.
 DEFAULT_BACKLOG = 64
 
@@ -518,48 +514,16 @@ class AsyncChannel:
 
 # ---- the handshake, driven from the event loop ---------------------------------------------------
 
-async def _available(achannel: AsyncChannel, size: int) -> None:
-    """Wait until at least `size` handshake bytes can be read without blocking (buffered by the
-    core or waiting in the socket), or the socket has something else to report (end of stream,
-    an error): then the sync handshake step that reads them runs without blocking."""
-    ch = achannel.channel
-    peek = socket.socket(fileno=ch.fileno())
-    try:
-        while True:
-            have = len(ch._buffered())
-            if have >= size:
-                return
-            try:
-                data = peek.recv(size - have, _PEEK_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                return  # the read reports it
-            if data is not None and (not data or have + len(data) >= size):
-                return
-            if data:
-                await asyncio.sleep(_PARTIAL_HANDSHAKE_POLL)  # part of it: the rest is coming
-            else:
-                await achannel._socket_ready()
-    finally:
-        peek.detach()
-
-
 async def _handshake(achannel: AsyncChannel, authkey: Optional[bytes], role: str,
                      timeout: Optional[float]) -> None:
-    """The loopfast handshake (_handshake.Handshake, the sync one's steps), each read step run
-    once its bytes have arrived, so that nothing blocks the loop. The sends are a few dozen bytes
-    on a fresh connection: they never wait."""
+    """The loopfast handshake, the sync one's steps (_handshake.Handshake.advance: nonblocking,
+    each read resumed where it stopped) run whenever the socket has something new, so that
+    nothing blocks the loop."""
     side = Handshake(achannel.channel, authkey, role, timeout)
 
     async def steps() -> None:
-        side.send_hello()
-        await _available(achannel, HELLO.size)
-        side.read_hello()
-        side.send_proof()
-        if authkey is not None:
-            await _available(achannel, PROOF_SIZE)
-        side.check_proof()
+        while not side.advance():
+            await achannel._socket_ready()
 
     try:
         await _bounded(steps(), timeout)
