@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check the speed and memory targets of issues 2, 4 and 5 from ONE run of the loopfast bench;
+"""Check the speed and memory targets of issues 2, 4, 5 and 7 from ONE run of the loopfast bench;
 print PASS/MISS.
 
     python benchmarks/check_targets.py                  # the full bench (about 2.5 minutes)
@@ -239,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump(report, f, indent=1, ensure_ascii=False)
     print(format_report(report))
     print()
-    print("Targets (issues 2, 4 and 5), from this one run:")
+    print("Targets (issues 2, 4, 5 and 7), from this one run:")
     verdicts = judge(report)
     for verdict, text, measured in verdicts:
         print(f"  {verdict}  {text}: {measured}")
