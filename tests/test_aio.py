@@ -251,6 +251,45 @@ def test_poll(run, pair):
     run(main)
 
 
+def test_send_bytes_many_and_recv_bytes_many(run, pair):
+    messages = [b"m%d" % i * (i % 7) for i in range(5000)] + [make_payload(3_000_000)]
+
+    async def main():
+        a, b = aio.AsyncChannel(pair[0]), aio.AsyncChannel(pair[1])
+        sending = asyncio.ensure_future(a.send_bytes_many(iter(messages)))  # any iterable
+        got = []
+        while len(got) < len(messages):
+            got += await b.recv_bytes_many()
+        await sending
+        assert got == messages
+        await a.send_bytes_many([b"x", b"y", b"z"])
+        assert await b.recv_bytes_many(max_messages=2) == [b"x", b"y"]
+        assert await b.recv_bytes_many() == [b"z"]
+
+    run(main)
+
+
+def test_a_cancelled_send_bytes_many_sends_all_or_none(run, pair):
+    """Cancelled while the socket is full: either none of its messages went out, or all did."""
+    batch = [make_payload(1_000_000, seed=i) for i in range(40)]
+
+    async def main():
+        a, b = aio.AsyncChannel(pair[0]), aio.AsyncChannel(pair[1])
+        first = await fill_until_blocked(a, 32 * 1024 * 1024)
+        many = asyncio.ensure_future(a.send_bytes_many(batch))
+        await asyncio.sleep(0.01)
+        many.cancel()
+        assert await b.recv_bytes() == make_payload(32 * 1024 * 1024)
+        await first
+        await a.send_bytes(b"end")
+        got = []
+        while not got or got[-1] != b"end":
+            got += await b.recv_bytes_many()
+        assert got in ([b"end"], [*batch, b"end"])
+
+    run(main)
+
+
 # ---- cancellation --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [1000, 2_000_000], ids=["buffered", "direct"])

@@ -63,6 +63,7 @@ from typing import (
     Coroutine,
     Deque,
     Dict,
+    Iterable,
     List,
     Optional,
     Tuple,
@@ -355,6 +356,12 @@ class AsyncChannel:
         its size. BufferTooShort (with the whole message as args[0]) if it does not fit."""
         return self._receive(self._channel.recv_bytes_into, buf, offset)
 
+    def recv_bytes_many(self, max_messages: Optional[int] = None) -> Coroutine[Any, Any,
+                                                                                List[bytes]]:
+        """Coroutine: wait for the next message, then return it with every further whole message
+        already received (up to `max_messages`), as a list of bytes (Channel.recv_bytes_many)."""
+        return self._receive(self._channel.recv_bytes_many, max_messages)
+
     async def poll(self, timeout: Optional[float] = 0.0) -> bool:
         """Whether there is something to receive, waiting up to `timeout` seconds (None: until
         there is). Never consumes anything."""
@@ -417,6 +424,12 @@ class AsyncChannel:
         numpy) as one message; `offset` and `size` in bytes. Waits while the socket is full.
         Do not modify `buf` until the send has returned."""
         return self._send(self._channel.send_bytes, buf, offset, size)
+
+    def send_bytes_many(self, buffers: Iterable[Buffer]) -> Coroutine[Any, Any, None]:
+        """Coroutine: send every buffer as its own message, in as few writes as possible
+        (Channel.send_bytes_many). Waits while the socket is full; the messages go out together:
+        a cancelled call sent none of them, or all of them go out."""
+        return self._send(self._channel.send_bytes_many, list(buffers))
 
     def send(self, obj: Any) -> Coroutine[Any, Any, None]:
         """Coroutine: send a picklable object as one message (pickle protocol 5 with out-of-band
