@@ -96,6 +96,7 @@ cdef class Channel:
     cdef list _object_parts(self, Py_ssize_t length, uint32_t count)
     cdef int _refuse_object(self) except -1
     cdef bint _fill_nowait(self) except -1
+    cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength)
     cdef bint _next_is_object(self, int64_t deadline) except -1
     cdef _bad_message_length(self)
     cdef int _flush_rest(self, int64_t deadline) except -1

@@ -820,7 +820,6 @@ cdef class Channel:
         An object message with out-of-band buffers raises OSError and is left for recv().
         """
         cdef Py_ssize_t c_maxlength = -1
-        cdef int kind
         self._check_readable()
         if maxlength is not None:
             if maxlength < 0:
@@ -829,11 +828,17 @@ cdef class Channel:
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock, deadline, "receive")
         try:
-            if self._next_is_object(deadline):
-                self._refuse_object()
-            return self._recv_frame(deadline, c_maxlength, &kind)
+            return self._recv_bytes_frame(deadline, c_maxlength)
         finally:
             PyThread_release_lock(self._recv_lock)
+
+    cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength):
+        """The next message's payload as bytes (the receive lock is held). An object message is
+        refused: its out-of-band buffers have no place in a bytes result."""
+        cdef int kind
+        if self._next_is_object(deadline):
+            self._refuse_object()
+        return self._recv_frame(deadline, maxlength, &kind)
 
     cdef bint _next_is_object(self, int64_t deadline) except -1:
         """Wait for the next message's header; True if it is an object message (which only
@@ -854,7 +859,6 @@ cdef class Channel:
         made when the buffer runs dry. At least one message is returned, or an exception raised.
         """
         cdef Py_ssize_t limit = -1, avail, length, taken
-        cdef int kind
         cdef const unsigned char *h
         cdef list out
         self._check_readable()
@@ -865,9 +869,7 @@ cdef class Channel:
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock, deadline, "receive")
         try:
-            if self._next_is_object(deadline):
-                self._refuse_object()
-            out = [self._recv_frame(deadline, -1, &kind)]
+            out = [self._recv_bytes_frame(deadline, -1)]
             taken = 1
             while limit < 0 or taken < limit:
                 avail = self._rend - self._rstart

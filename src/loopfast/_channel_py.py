@@ -824,6 +824,13 @@ class Channel:
                         return kind, self._finish_pending(deadline)[0]
             self._fill(deadline)
 
+    def _recv_bytes_frame(self, deadline, maxlength):
+        """The next message's payload as bytes (the receive lock is held). An object message is
+        refused: its out-of-band buffers have no place in a bytes result."""
+        if self._next_is_object(deadline):
+            self._refuse_object()
+        return self._recv_frame(deadline, maxlength)[1]
+
     def _next_is_object(self, deadline):
         """Wait for the next message's header; True if it is an object message (which only
         recv() can take: its out-of-band buffers have no place in a bytes result)."""
@@ -863,9 +870,7 @@ class Channel:
             maxlength = _ssize(maxlength)
         deadline = _deadline(timeout)
         with _take(self._recv_lock, deadline, "receive"):
-            if self._next_is_object(deadline):
-                self._refuse_object()
-            return self._recv_frame(deadline, maxlength)[1]
+            return self._recv_bytes_frame(deadline, maxlength)
 
     def recv_bytes_many(self, max_messages=None, *, timeout=None):
         """Wait for the next message (up to `timeout`), then return it with every further whole
@@ -881,9 +886,7 @@ class Channel:
                 raise ValueError("max_messages must be >= 1 or None")
         deadline = _deadline(timeout)
         with _take(self._recv_lock, deadline, "receive"):
-            if self._next_is_object(deadline):
-                self._refuse_object()
-            out = [self._recv_frame(deadline, None)[1]]
+            out = [self._recv_bytes_frame(deadline, None)]
             while limit is None or len(out) < limit:
                 avail = self._rend - self._rstart
                 if avail >= HEADER_SIZE:
