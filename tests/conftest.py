@@ -339,3 +339,36 @@ def assert_same_object(got, expected):
             assert_same_object(g, e)
     else:
         assert got == expected
+
+
+# ---- the machine ---------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def socket_buffer_bound():
+    """More than the kernel can hold in the send and receive buffers of one loopback connection,
+    so that sending that much to a peer that does not read must stop part-way."""
+    total = 0
+    for name in ("tcp_wmem", "tcp_rmem"):
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                total += int(f.read().split()[2])
+        except (OSError, ValueError, IndexError):
+            total += 16 * MiB
+    return max(32 * MiB, 4 * total)
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (0 if the system does not say)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

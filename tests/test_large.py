@@ -7,10 +7,9 @@ receives with recv_bytes (one bytes object) and sends that object back.
 
 import hashlib
 import multiprocessing
-import os
 
 import pytest
-from conftest import child_process, make_payload
+from conftest import available_memory, child_process, make_payload
 
 import loopfast
 
@@ -20,20 +19,6 @@ SIZE = 5 * GiB // 2  # 2.5 GiB: above 2**31, so every 32-bit length or chunk lim
 CHUNK = 1 * MiB
 TRANSFER_TIMEOUT = 600.0  # bound only; the transfer normally takes seconds
 SAMPLE_COUNT = 97
-
-
-def _available_memory():
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _sample_offsets(size):
@@ -73,9 +58,9 @@ def _fill_pattern(np, arr):
 @pytest.mark.timeout(1800)
 def test_a_2_5_gib_message_round_trips_between_two_processes():
     np = pytest.importorskip("numpy")
-    available = _available_memory()
-    if available is None or available < 8 * GiB:
-        have = "an unknown amount" if available is None else f"{available / GiB:.1f} GiB"
+    available = available_memory()
+    if available < 8 * GiB:
+        have = "an unknown amount" if not available else f"{available / GiB:.1f} GiB"
         pytest.skip("needs 8 GiB of available memory (2.5 GiB per process plus headroom); "
                     f"this machine has {have}")
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"

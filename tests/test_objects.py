@@ -28,7 +28,13 @@ import threading
 import tracemalloc
 
 import pytest
-from conftest import IMPLEMENTATIONS, Background, connected_pair
+from conftest import (
+    IMPLEMENTATIONS,
+    Background,
+    available_memory,
+    connected_pair,
+    socket_buffer_bound,
+)
 
 import loopfast
 from loopfast import _channel, _channel_py
@@ -126,19 +132,6 @@ def recv_exactly(sock, size):
         assert chunk, "the channel's socket closed early"
         received += chunk
     return bytes(received)
-
-
-def socket_buffer_bound():
-    """More than the kernel can hold in the buffers of one loopback connection, so that sending
-    that much to a peer that does not read must stop part-way."""
-    total = 0
-    for name in ("tcp_wmem", "tcp_rmem"):
-        try:
-            with open(f"/proc/sys/net/ipv4/{name}") as f:
-                total += int(f.read().split()[2])
-        except (OSError, ValueError, IndexError):
-            total += 16 * MiB
-    return max(32 * MiB, 4 * total)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -1274,22 +1267,8 @@ def test_loopfast_sends_objects_without_numpy(implementation):
 
 # ==== more than 2 GiB =============================================================================
 
-def _available_memory():
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_available_memory() < 10 * GiB, reason="needs 10 GiB of available memory")
+@pytest.mark.skipif(available_memory() < 10 * GiB, reason="needs 10 GiB of available memory")
 def test_an_array_over_2_gib_round_trips(link, np):
     """2.2 GiB in one out-of-band buffer: no 32-bit size or chunk limit anywhere."""
     size = 2200 * MiB

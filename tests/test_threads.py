@@ -45,8 +45,8 @@ from conftest import (
     Background,
     connected_pair,
     make_payload,
+    socket_buffer_bound,
 )
-from test_twin import socket_buffer_bound
 
 import loopfast
 

@@ -22,7 +22,7 @@ import tracemalloc
 from multiprocessing.reduction import ForkingPickler
 
 import pytest
-from conftest import IMPLEMENTATIONS, Background, connected_pair
+from conftest import IMPLEMENTATIONS, Background, connected_pair, socket_buffer_bound
 
 from loopfast import _channel, _channel_py
 from loopfast._errors import BufferTooShort, ProtocolError
@@ -57,19 +57,6 @@ def payload(size, seed=0):
 def frame(data, kind=KIND_BYTES):
     """A complete frame as docs/protocol.md spells it."""
     return FRAME_HEADER.pack(kind, 0, 0, 0, len(data)) + bytes(data)
-
-
-def socket_buffer_bound():
-    """More than the kernel can hold in the send and receive buffers of one loopback connection,
-    so that sending that much to a peer that does not read must stop part-way."""
-    total = 0
-    for name in ("tcp_wmem", "tcp_rmem"):
-        try:
-            with open(f"/proc/sys/net/ipv4/{name}") as f:
-                total += int(f.read().split()[2])
-        except (OSError, ValueError, IndexError):
-            total += 16 * MiB
-    return max(32 * MiB, 4 * total)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
