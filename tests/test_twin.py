@@ -721,6 +721,7 @@ CONSTRUCTOR_CASES = {
     "neither readable nor writable": lambda cls: cls(0, False, False),
     "negative max_message_size": lambda cls: cls(0, max_message_size=-1),
     "huge fd": lambda cls: cls(2**70),
+    "fd over a C int": lambda cls: cls(2**31),
 }
 
 

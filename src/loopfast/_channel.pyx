@@ -221,6 +221,11 @@ cdef int _check_serializer(object serializer) except -1:
     return 0
 
 
+# The largest descriptor number: a C int on POSIX, a SOCKET (pointer-sized) on Windows. The twin
+# (_channel_py.py) has the same limit.
+_FD_MAX = (2**64 - 1 if sys.maxsize > 2**32 else 2**32 - 1) if sys.platform == "win32" \
+    else 2**31 - 1
+
 cdef object _warn = warnings.warn
 cdef object _is_finalizing = sys.is_finalizing
 cdef object _dumps = ForkingPickler.dumps
@@ -337,6 +342,8 @@ cdef class Channel:
             self._max_message_size = operator.index(max_message_size)  # no silent float truncation
         self._max_message_size_obj = max_message_size
         fd = operator.index(fd)
+        if fd > _FD_MAX:  # checked here: the C conversion's message varies with the versions
+            raise OverflowError("file descriptor too large")
         cdef lf_socket_t c_fd = fd
         if c_fd == LF_INVALID_SOCKET or fd < 0:
             raise ValueError("invalid file descriptor")

@@ -65,7 +65,10 @@ MAX_OOB_BUFFERS = 8191
 OOB_MIN_SIZE = 4096
 
 _UINT64_MAX = 2**64 - 1
-_C_LONG_MAX = 2**63 - 1 if sys.maxsize > 2**32 and sys.platform != "win32" else 2**31 - 1
+# The largest descriptor number: a C int on POSIX, a SOCKET (pointer-sized) on Windows (as in
+# _channel.pyx).
+_FD_MAX = (2**64 - 1 if sys.maxsize > 2**32 else 2**32 - 1) if sys.platform == "win32" \
+    else 2**31 - 1
 
 # MSG_NOSIGNAL: a send to a peer that has gone raises BrokenPipeError instead of raising SIGPIPE
 # (which would kill a process that restored the default SIGPIPE action). Missing on macOS and
@@ -414,8 +417,8 @@ class Channel:
             if limit > _UINT64_MAX:
                 raise OverflowError("Python int too large to convert to C unsigned long")
         fd_number = operator.index(fd)
-        if fd_number > _C_LONG_MAX:
-            raise OverflowError("Python int too large to convert to C long")
+        if fd_number > _FD_MAX:
+            raise OverflowError("file descriptor too large")
         if fd_number < 0:
             raise ValueError("invalid file descriptor")
         self._max_message_size = limit
