@@ -995,17 +995,23 @@ def test_objects_go_to_a_child_process_and_back(impl, np, method):
         with child_with(method, _echo_objects, child_end, impl.__module__,
                         pure_child=impl is PURE) as process:
             child_end.close()
-            for sent in process_objects(np):
-                sending = Background(parent_end.send, sent, timeout=TIMEOUT)
-                writable, got = parent_end.recv(timeout=TIMEOUT)
-                sending.result()
-                assert writable
-                assert_same(got, sent)
-            parent_end.send(None)
+            _round_trip_through_echo(parent_end, process_objects(np))
         assert process.exitcode == 0
     finally:
         parent_end.close()
         child_end.close()
+
+
+def _round_trip_through_echo(parent_end, objects):
+    """Send each object to the _echo_objects child and check what comes back (writable, equal);
+    then tell the child to stop."""
+    for sent in objects:
+        sending = Background(parent_end.send, sent, timeout=TIMEOUT)
+        writable, got = parent_end.recv(timeout=TIMEOUT)
+        sending.result()
+        assert writable
+        assert_same(got, sent)
+    parent_end.send(None)
 
 
 @pytest.mark.skipif("spawn" not in multiprocessing.get_all_start_methods(), reason="needs spawn")
@@ -1018,13 +1024,7 @@ def test_objects_between_implementations_in_two_processes(np, child_impl):
                         IMPLEMENTATIONS[child_impl].__module__,
                         pure_child=child_impl == "pure") as process:
             child_end.close()
-            for sent in process_objects(np)[:2]:
-                sending = Background(parent_end.send, sent, timeout=TIMEOUT)
-                writable, got = parent_end.recv(timeout=TIMEOUT)
-                sending.result()
-                assert writable
-                assert_same(got, sent)
-            parent_end.send(None)
+            _round_trip_through_echo(parent_end, process_objects(np)[:2])
         assert process.exitcode == 0
     finally:
         parent_end.close()
