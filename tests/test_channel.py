@@ -10,6 +10,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import select
 import signal
 import socket
 import threading
@@ -1075,28 +1076,45 @@ def test_wait_without_timeout_waits_for_data(pipe):
         timer.join(RECV_TIMEOUT)
 
 
-def test_wait_returns_at_once_a_channel_holding_a_whole_buffered_frame(raw_peer):
+def test_every_wait_reports_a_channel_ready_while_a_whole_frame_is_queued(raw_peer):
     channel, raw = raw_peer
-    raw.sendall(frame(b"first") + frame(b"second"))  # one segment: one recv() takes both
+    raw.sendall(frame(b"first") + frame(b"second"))  # one segment: both frames queued at once
     assert channel.recv_bytes(timeout=RECV_TIMEOUT) == b"first"
-    # The kernel has nothing left for this socket (the second frame sits in the channel's own
-    # buffer), so only loopfast's wait can know that the channel is ready.
-    assert multiprocessing.connection.wait([channel], timeout=0) == []
+    # A receive takes from the socket only what it returns: the second frame waits in the
+    # kernel, so multiprocessing's wait and select see the channel ready, as loopfast's wait does.
+    assert multiprocessing.connection.wait([channel], timeout=0) == [channel]
+    assert select.select([channel], [], [], 0)[0] == [channel]
     assert loopfast.wait([channel], timeout=0) == [channel]
     assert loopfast.wait([channel]) == [channel]
     assert channel.recv_bytes(timeout=0) == b"second"
+    # Every message received: no wait reports the channel any more.
     assert loopfast.wait([channel], timeout=0) == []
+    assert multiprocessing.connection.wait([channel], timeout=0) == []
+    assert select.select([channel], [], [], 0)[0] == []
 
 
-def test_wait_does_not_report_a_buffered_partial_frame_as_ready(raw_peer):
+def test_wait_reports_a_queued_partial_frame_as_the_socket_does(raw_peer):
     channel, raw = raw_peer
     second = frame(b"second")
     raw.sendall(frame(b"first") + second[:5])
     assert channel.recv_bytes(timeout=RECV_TIMEOUT) == b"first"
-    assert loopfast.wait([channel], timeout=0) == []
+    # The first 5 bytes of the next frame wait in the socket: the OS reports it readable, and
+    # loopfast's wait reports what the socket does.
+    assert multiprocessing.connection.wait([channel], timeout=0) == [channel]
+    assert loopfast.wait([channel], timeout=0) == [channel]
+    # The frame is not whole: a receive with a short timeout times out ...
+    with pytest.raises(TimeoutError):
+        channel.recv_bytes(timeout=0.05)
+    assert loopfast.wait([channel], timeout=0) == \
+        multiprocessing.connection.wait([channel], timeout=0)
+    # ... and the stream stays intact: the rest completes the same frame.
     raw.sendall(second[5:])
     assert loopfast.wait([channel], timeout=RECV_TIMEOUT) == [channel]
+    assert multiprocessing.connection.wait([channel], timeout=RECV_TIMEOUT) == [channel]
     assert channel.recv_bytes(timeout=RECV_TIMEOUT) == b"second"
+    assert loopfast.wait([channel], timeout=0) == []
+    raw.sendall(frame(b"third"))
+    assert channel.recv_bytes(timeout=RECV_TIMEOUT) == b"third"
 
 
 def test_wait_accepts_plain_sockets_alongside_channels(pipe):

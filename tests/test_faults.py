@@ -567,15 +567,28 @@ def test_eintr_during_accept_and_its_handshake_is_retried(authkey):
 @pytest.mark.parametrize("authkey", [None, b"secret"], ids=["no-authkey", "authkey"])
 def test_eintr_during_the_client_handshake_is_retried(authkey):
     """The connection is made at once (the backlog), but the listener's hello comes only when
-    accept() runs, later: the client waits in its handshake under the signals."""
+    accept() runs, later: the client waits for it under the signals, in Client() with an
+    authkey, at the channel's first use without one (Client then returns once connected)."""
     with loopfast.Listener(authkey=authkey) as listener:
-        accepter = _later(listener.accept)
+
+        def accept_and_send():
+            accepted = listener.accept()
+            accepted.send_bytes(b"to the client", timeout=RECV_TIMEOUT)
+            return accepted
+
+        accepter = _later(accept_and_send)
         with sigalrm_every(0.001) as delivered:
             connected = loopfast.Client(listener.address, authkey=authkey, timeout=RECV_TIMEOUT)
+            try:
+                received = connected.recv_bytes(timeout=RECV_TIMEOUT)
+            except BaseException:
+                connected.close()
+                raise
         with connected, accepter.result() as accepted:
             assert delivered
-            accepted.send_bytes(b"to the client", timeout=RECV_TIMEOUT)
-            assert connected.recv_bytes(timeout=RECV_TIMEOUT) == b"to the client"
+            assert received == b"to the client"
+            connected.send_bytes(b"to the listener", timeout=RECV_TIMEOUT)
+            assert accepted.recv_bytes(timeout=RECV_TIMEOUT) == b"to the listener"
 
 
 def _raise_keyboard_interrupt():

@@ -1,6 +1,7 @@
 """The opening handshake, driven from raw sockets: a peer that is not loopfast, a different
 protocol version, or a silent peer fails at once with a clear error, or after the bounded
-handshake timeout, never a hang.
+handshake timeout, never a hang. (A Client without an authkey checks the server's hello at its
+first use: the error comes from there, the timeout is that call's.)
 
 Raw peers are written from docs/protocol.md: a 48-byte hello "<8sHHI32s" = (b"LOOPFAST",
 version, flags, reserved, nonce).
@@ -11,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -252,27 +254,40 @@ CONNECTORS = {
 }
 
 
+# Without an authkey, Client and Channel.connect return once the TCP connection is made (as
+# multiprocessing's Client does): the server's hello is read and checked at the channel's first
+# use, which raises what the handshake found and closes the channel.
+
+
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_client_rejects_a_non_loopfast_server(connector):
     with RawServer(lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")) as server, \
-            pytest.raises(ProtocolError, match="not a loopfast"):
-        CONNECTORS[connector](server.address, 30)
+            CONNECTORS[connector](server.address, 30) as client:
+        with pytest.raises(ProtocolError, match="not a loopfast"):
+            client.recv(timeout=30)
+        assert client.closed
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_client_rejects_another_protocol_version(connector):
-    with RawServer(lambda conn: conn.sendall(hello(version=2))) as server:
+    with RawServer(lambda conn: conn.sendall(hello(version=2))) as server, \
+            CONNECTORS[connector](server.address, 30) as client:
         with pytest.raises(ProtocolError) as info:
-            CONNECTORS[connector](server.address, 30)
+            client.recv(timeout=30)
         assert "version 2" in str(info.value)
         assert "version 1" in str(info.value)
+        assert client.closed
 
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_client_times_out_on_a_silent_server(connector):
-    with RawServer(lambda conn: None) as server, pytest.raises(TimeoutError):
-        CONNECTORS[connector](server.address, 0.5)
+    with RawServer(lambda conn: None) as server, \
+            CONNECTORS[connector](server.address, 0.5) as client:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="^timed out waiting for a message$"):
+            client.recv(timeout=0.5)
+        assert time.monotonic() - start < 10  # bounded by the receive's timeout, never a hang
 
 
 @pytest.mark.timeout(20)
@@ -280,14 +295,17 @@ def test_client_times_out_on_a_server_that_never_accepts():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)  # the TCP connection completes in the backlog; nobody answers
-        with pytest.raises(TimeoutError):
-            loopfast.Client(sock.getsockname(), timeout=0.5)
+        with loopfast.Client(sock.getsockname(), timeout=0.5) as client:
+            with pytest.raises(TimeoutError, match="^timed out waiting for a message$"):
+                client.recv(timeout=0.5)
 
 
 def test_client_sends_a_version_1_hello():
-    with RawServer(lambda conn: conn.sendall(hello())) as server, \
-            loopfast.Client(server.address, timeout=30):
-        pass
+    frame = struct.pack("<BBHIQ", 1, 0, 0, 0, 2) + b"hi"
+    with RawServer(lambda conn: conn.sendall(hello() + frame)) as server, \
+            loopfast.Client(server.address, timeout=30) as client:
+        # The first use completes the handshake: the server has accepted and answered.
+        assert client.recv_bytes(timeout=30) == b"hi"
     magic, version, flags, reserved, _ = HELLO.unpack(server.received[:HELLO.size])
     assert (magic, version, flags, reserved) == (b"LOOPFAST", 1, 0, 0)
 
@@ -339,6 +357,8 @@ def test_client_rejects_a_multiprocessing_listener():
 
         with ThreadPoolExecutor(1) as pool:
             mp_result = pool.submit(mp_accept)
-            with pytest.raises(ProtocolError, match="not a loopfast"):
-                loopfast.Client(mp_listener.address, timeout=30)
+            with loopfast.Client(mp_listener.address, timeout=30) as client:
+                # multiprocessing's challenge is not a loopfast hello: the first use says so.
+                with pytest.raises(ProtocolError, match="not a loopfast"):
+                    client.recv(timeout=30)
             assert mp_result.result(timeout=20) is not None

@@ -1,8 +1,10 @@
 """Handing a Channel to another process: as a multiprocessing.Process argument (fork, spawn,
 forkserver), inside a message sent over another Channel, or through a multiprocessing.Queue.
-Messages already received into the parent's buffer, but not read, travel with it."""
+A receive takes from the socket only what it returns: messages sent before the handover and not
+yet received wait in the socket, and the other process receives them, in order."""
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import struct
@@ -86,17 +88,23 @@ def _join(process):
     assert process.exitcode == 0
 
 
-def _buffer_three_messages():
-    """A Pipe whose second end has read one of three messages and holds the other two in its
-    receive buffer (one recv() took in all three)."""
+def _frame(payload):
+    return FRAME_HEADER.pack(1, 0, 0, 0, len(payload)) + payload
+
+
+def _queue_three_messages():
+    """A Pipe whose second end has received one of three messages, all three queued in its
+    socket at once; the other two still wait there."""
     a, b = loopfast.Pipe()
     for payload in (b"one", b"two", b"three"):
         a.send_bytes(payload)
     assert b.poll(10)
     assert b.recv_bytes(timeout=10) == b"one"
-    # Precondition, not the behaviour under test: the other two are buffered in b, not in
-    # the socket. If this fails, the test no longer tests what it claims to.
-    assert len(b._buffered()) == 2 * FRAME_HEADER.size + len(b"twothree")
+    # Precondition, not the behaviour under test: the other two are in the socket, where every
+    # selector sees them. If this fails, the test no longer tests what it claims to.
+    assert multiprocessing.connection.wait([b], timeout=0) == [b]
+    with socket.socket(fileno=os.dup(b.fileno())) as raw_b:
+        assert raw_b.recv(4096, socket.MSG_PEEK).endswith(_frame(b"two") + _frame(b"three"))
     return a, b
 
 
@@ -191,12 +199,12 @@ def test_channel_sent_through_a_multiprocessing_queue_to_a_child(method):
     _join(process)
 
 
-# ---- buffered messages travel with the channel ----------------------------------------------
+# ---- queued messages are received by the other process ---------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_buffered_messages_travel_with_a_process_argument(method):
-    a, b = _buffer_three_messages()
+def test_queued_messages_travel_with_a_process_argument(method):
+    a, b = _queue_three_messages()
     process = _start(method, _recv_n_and_return, b, 3)
     b.close()
     with a:
@@ -206,11 +214,11 @@ def test_buffered_messages_travel_with_a_process_argument(method):
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_buffered_messages_travel_inside_a_message(method):
+def test_queued_messages_travel_inside_a_message(method):
     control, child_control = loopfast.Pipe()
     process = _start(method, _recv_channel_then_n, child_control, 3)
     child_control.close()
-    a, b = _buffer_three_messages()
+    a, b = _queue_three_messages()
     with control, a:
         control.send(b)
         b.close()
@@ -219,8 +227,8 @@ def test_buffered_messages_travel_inside_a_message(method):
     _join(process)
 
 
-def test_buffered_messages_travel_through_pickling_in_process():
-    a, b = _buffer_three_messages()
+def test_queued_messages_travel_through_pickling_in_process():
+    a, b = _queue_three_messages()
     clone = ForkingPickler.loads(ForkingPickler.dumps(b))
     b.close()
     with a, clone:

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import random
 import re
+import select
 import signal
 import socket
 import sys
@@ -250,7 +251,7 @@ def test_a_timeout_in_the_middle_of_a_large_message_keeps_the_stream_intact(pair
     assert b.poll()  # a message is under way
     assert not b._has_message()
     with pytest.raises(OSError, match="middle of receiving a large message"):
-        b._buffered()
+        ForkingPickler.dumps(b)  # it cannot be handed over to another process
     sender = Background(a._send_raw, wire[20 * KiB:])
     assert _receive(b, then, 2 * MiB) == data
     assert b.recv_bytes(timeout=TIMEOUT) == b"next"
@@ -294,7 +295,7 @@ def test_a_send_that_times_out_part_way_sends_the_rest_before_the_next_message(p
     a, b = pair
     big = _fill_the_socket_buffers(a)
     with pytest.raises(OSError, match="middle of sending a message"):
-        a._buffered()
+        ForkingPickler.dumps(a)  # it cannot be handed over to another process
     receiver = Background(lambda: [b.recv_bytes(timeout=TIMEOUT) for _ in range(2)])
     a.send_bytes(b"next", timeout=TIMEOUT)
     first, second = receiver.result()
@@ -487,34 +488,70 @@ def test_poll_is_true_at_end_of_stream(pair):
     assert b.poll(TIMEOUT) is True
 
 
-def test_one_receive_takes_in_every_frame_that_arrived(pair):
+def _queued(channel):
+    """What the kernel holds queued for `channel` (a peek through a duplicate of its socket,
+    which consumes nothing); b"" when nothing is queued."""
+    if not select.select([channel], [], [], 0)[0]:
+        return b""
+    with socket.fromfd(channel.fileno(), socket.AF_INET, socket.SOCK_STREAM) as dup:
+        return dup.recv(1 * MiB, socket.MSG_PEEK)
+
+
+def test_a_receive_takes_from_the_socket_only_the_message_it_returns(pair):
     a, b = pair
     a._send_raw(frame(b"one") + frame(b"two") + frame(b"three"))
     assert b.poll(TIMEOUT)
     assert b.recv_bytes(timeout=TIMEOUT) == b"one"
-    assert b._buffered() == frame(b"two") + frame(b"three")
+    # The other two wait in the socket, where every selector sees them ...
+    assert _queued(b).endswith(frame(b"two") + frame(b"three"))
+    # ... and the channel, never handed over, still knows that a whole frame is there.
     assert b._has_message()
     assert b.recv_bytes(timeout=0) == b"two"
+    assert _queued(b).endswith(frame(b"three"))
     assert b.recv_bytes(timeout=0) == b"three"
     assert not b._has_message()
+    assert _queued(b) == b""  # every message received: the socket holds nothing
 
 
 def test_has_message_is_false_for_a_partial_frame(pair):
     a, b = pair
-    b._prefill(frame(b"whole")[:-1])
+    a._send_raw(frame(b"first") + frame(b"whole")[:-1])
+    assert b.poll(TIMEOUT)
+    assert b.recv_bytes(timeout=TIMEOUT) == b"first"  # it has seen the partial frame after it
     assert not b._has_message()
     a._send_raw(b"e")
     assert b.recv_bytes(timeout=TIMEOUT) == b"whole"
+    assert not b._has_message()
 
 
 def test_has_message_reports_a_malformed_header_without_closing(pair):
     """wait() calls _has_message(); the ProtocolError belongs to the receive that follows."""
-    _, b = pair
-    b._prefill(bytes(16))
+    a, b = pair
+    a._send_raw(frame(b"first") + bytes(16))
+    assert b.poll(TIMEOUT)
+    assert b.recv_bytes(timeout=TIMEOUT) == b"first"  # it has seen the header after it
     assert b._has_message() is True
     assert not b.closed
     with pytest.raises(ProtocolError, match="^malformed frame header"):
         b.recv_bytes(timeout=TIMEOUT)
+
+
+def test_a_channel_marked_shared_still_receives_every_queued_message_in_order(pair):
+    """After a handover (here only prepared: no other process takes from the socket) the
+    channel forgets what it saw queued at every receive, and finds it again in the socket."""
+    a, b = pair
+    a._send_raw(frame(b"one") + frame(b"two") + frame(b"three"))
+    assert b.poll(TIMEOUT)
+    assert b.recv_bytes(timeout=TIMEOUT) == b"one"
+    b._prepare_handover()
+    assert _queued(b).endswith(frame(b"two") + frame(b"three"))
+    assert b.recv_bytes(timeout=TIMEOUT) == b"two"
+    a.send_bytes(b"four")
+    received = b.recv_bytes_many(timeout=TIMEOUT)
+    while len(received) < 2:  # "four" may come after the look that found "three"
+        received += b.recv_bytes_many(timeout=TIMEOUT)
+    assert received == [b"three", b"four"]
+    assert _queued(b) == b""
 
 
 # ---- waits: Ctrl-C, close from another thread ---------------------------------------------------
@@ -639,12 +676,6 @@ def test_a_file_descriptor_that_is_not_a_socket_is_refused(impl):
                 pass
 
 
-def test_prefill_refuses_none(pair, impl):
-    _, b = pair
-    with pytest.raises(TypeError):
-        b._prefill(None)
-
-
 # ---- the same exceptions, with the same messages ------------------------------------------------
 
 def _closed(make):
@@ -695,18 +726,10 @@ ERROR_CASES = {
     .recv_bytes(2, timeout=TIMEOUT),
     "buffer too short": lambda make: _after(make, frame(b"abc"))
     .recv_bytes_into(bytearray(2), timeout=TIMEOUT),
-    "prefill over held data": lambda make: _holding_data(make)._prefill(b"x"),
-    "prefill of a str": lambda make: make()[0]._prefill("x"),
     "timeout in a large message": lambda make: _cut_large(make),
+    "handover in the middle of a large message": lambda make: _cut_large_then_hand_over(make),
+    "handover in the middle of a send": lambda make: _cut_send_then_hand_over(make),
 }
-
-
-def _holding_data(make):
-    """A channel with a received, unread frame in its buffer."""
-    b = _after(make, frame(b"one") + frame(b"two"))
-    b.recv_bytes(timeout=TIMEOUT)
-    assert b._buffered() == frame(b"two")
-    return b
 
 
 def _cut_large(make):
@@ -714,6 +737,21 @@ def _cut_large(make):
     a._send_raw(frame(payload(200 * KiB))[:20 * KiB])
     assert b.poll(TIMEOUT)
     return b.recv_bytes(timeout=EXPIRES)
+
+
+def _cut_large_then_hand_over(make):
+    a, b = make()
+    a._send_raw(frame(payload(200 * KiB))[:20 * KiB])
+    assert b.poll(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        b.recv_bytes(timeout=EXPIRES)
+    b._prepare_handover()
+
+
+def _cut_send_then_hand_over(make):
+    a, _ = make()
+    _fill_the_socket_buffers(a)
+    a._prepare_handover()
 
 
 CONSTRUCTOR_CASES = {

@@ -23,6 +23,9 @@ cdef extern from "_platform.h" nogil:
     Py_ssize_t lf_send(lf_socket_t s, const char *buf, size_t len)
     Py_ssize_t lf_recv(lf_socket_t s, char *buf, size_t len)
     Py_ssize_t lf_sendv(lf_socket_t s, const lf_iovec *iov, int count)
+    Py_ssize_t lf_peek(lf_socket_t s, char *buf, size_t len)
+    Py_ssize_t lf_discard(lf_socket_t s, char *buf, size_t len)
+    Py_ssize_t lf_recvv(lf_socket_t s, const lf_iovec *iov, int count)
     int lf_poll(lf_socket_t s, short events, int timeout_ms, short *revents)
     int lf_set_nonblocking(lf_socket_t s)
     int lf_close(lf_socket_t s)
@@ -30,6 +33,11 @@ cdef extern from "_platform.h" nogil:
     int lf_set_nodelay(lf_socket_t s)
     int64_t lf_monotonic_ns()
     void lf_yield()
+    void lf_nap(int64_t nanoseconds)
+    uint64_t *lf_shared_ledger_new()
+    void lf_shared_ledger_free(uint64_t *p)
+    uint64_t lf_counter_load(uint64_t *p)
+    uint64_t lf_counter_add(uint64_t *p, uint64_t n)
     void lf_set_os_error(int err) with gil
     void lf_store_u64le(unsigned char *p, uint64_t v)
     uint64_t lf_load_u64le(const unsigned char *p)
@@ -49,17 +57,37 @@ cdef class Channel:
     cdef int64_t _spun_ns           # time spent busy-polling, in all (_spin_time())
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
 
-    # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed. One recv()
-    # fills it with as many frames as arrived; small frames are handed out straight from it.
+    # The kernel's queue holds every message not yet delivered. The window: bytes [_rstart,
+    # _rend) of _rbuf are a copy (a peek) of the head of that queue, nothing in it consumed.
     cdef char *_rbuf
     cdef Py_ssize_t _rcap
     cdef Py_ssize_t _rstart
     cdef Py_ssize_t _rend
-    cdef bint _last_recv_was_empty  # the previous fill found no data: wait before the next recv()
+    cdef bint _shared              # a process this one cannot see may receive from the socket
+                                   # (a handover): the window is forgotten at every receive
+    # The ledger: [0] the bytes delivered from the socket (returned in messages), [1] how many of
+    # them are still in the socket, not yet discarded (see _deliver). In _own_ledger until a
+    # fork, then in memory shared with the child, so that every process with a copy of this
+    # channel can tell whether another received since it last did ([0] moved: the window is
+    # forgotten) and discard what another delivered.
+    cdef uint64_t _own_ledger[2]
+    cdef uint64_t *_ledger
+    cdef uint64_t _consumed_seen    # [0] as this channel last left it
+    cdef bint _look_small          # another process received since: peek PEEK_SIZE_SHARED
+    cdef bint _queue_empty         # the last look found nothing queued: wait before peeking
+    cdef bint _peek_saw_all        # the last peek returned less than it asked: all of the queue
+    # Head mode (rare): the first _head_have bytes of a frame's head (header, size table) were
+    # consumed into _rbuf because only part of it had arrived; the rest is read as it arrives.
+    cdef Py_ssize_t _head_have
+    cdef bint _last_recv_was_empty  # a direct read came back short: wait before the next one
+    cdef bint _sent_since_recv     # sent since the last receive: a wait for data busy-polls
+    cdef bint _streaming           # the last message was queued when looked for: nap first
+    cdef bint _spin_peeked         # a busy-poll filled the window just now (see _wait)
+    cdef object _deferred_handshake  # a Handshake whose rest runs at first use, or None
 
-    # A payload too large for the receive buffer is read straight into its final bytes object.
-    # While it is incomplete (a timeout interrupted it) it is kept here, so that the next receive
-    # resumes it and the stream stays whole.
+    # A payload that was not all queued is read straight into its final objects (allocated
+    # before its head was consumed). While it is incomplete (a timeout interrupted it) it is
+    # kept here, so that the next receive resumes it and the stream stays whole.
     cdef object _pending            # list of the message's parts (bytes/bytearray), or None
     cdef Py_ssize_t _pending_part   # index of the part being filled
     cdef Py_ssize_t _pending_filled  # bytes of that part already received
@@ -84,20 +112,33 @@ cdef class Channel:
     cdef int _unblocked(self) except -1
     cdef int _check_readable(self) except -1
     cdef int _check_writable(self) except -1
-    cdef int _wait(self, short events, int64_t deadline) except -1
-    cdef void _make_room(self) noexcept
-    cdef int _fill(self, int64_t deadline) except -1
+    cdef int _wait(self, short events, int64_t deadline, Py_ssize_t peek_size=*) except -1
+    cdef int _begin_receive(self, int64_t deadline) except -1
+    cdef int _finish_handshake(self, int64_t deadline) except -1
+    cdef int _check_handshake_now(self) except -1
+    cdef Py_ssize_t _peek(self, Py_ssize_t size) except -2
+    cdef int _know(self, Py_ssize_t need, int64_t deadline) except -1
+    cdef bint _await_data(self, int64_t deadline, Py_ssize_t peek_size) except -1
+    cdef int _discard(self, char *at, Py_ssize_t n) except -1
+    cdef int _after_consume(self) except -1
+    cdef int _count_consumed(self, Py_ssize_t n) except -1
+    cdef int _deliver(self, Py_ssize_t n) except -1
+    cdef int _flush_discards(self) except -1
+    cdef int _settle(self) except -1
+    cdef bint _window_valid(self) noexcept
     cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1
-    cdef str _header_error(self)
-    cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1
-    cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind)
-    cdef object _finish_pending(self, int64_t deadline)
+    cdef Py_ssize_t _recv_some_v(self, lf_iovec *iov, int count, Py_ssize_t total,
+                                 int64_t deadline) except -1
+    cdef str _header_error(self, const unsigned char *h)
+    cdef int _check_table(self, const unsigned char *h) except -1
+    cdef int _next_head(self, int64_t deadline, bint objects) except -1
+    cdef int _read_head(self, Py_ssize_t size, int64_t deadline) except -1
+    cdef object _take_frame(self, int64_t deadline, bint consumed)
+    cdef int _consume_head(self, bint consumed) except -1
     cdef int _start_pending(self, list parts, int kind) except -1
-    cdef list _object_parts(self, Py_ssize_t length, uint32_t count)
+    cdef object _finish_pending(self, int64_t deadline)
     cdef int _refuse_object(self) except -1
-    cdef bint _fill_nowait(self) except -1
     cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength)
-    cdef bint _next_is_object(self, int64_t deadline) except -1
     cdef _bad_message_length(self)
     cdef int _flush_rest(self, int64_t deadline) except -1
     cdef int _flush_pending_sends(self, int64_t deadline) except -1

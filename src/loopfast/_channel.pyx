@@ -1,8 +1,8 @@
 # cython: language_level=3, embedsignature=True
 """The compiled channel: framed messages over a nonblocking loopback TCP socket.
 
-This is where frames are encoded (``_send_frame``) and parsed (``_read_header``,
-``_recv_frame``); where the process waits (``_wait``, a ``poll()`` with the GIL released); and where
+This is where frames are encoded (``_send_frame``) and parsed (``_next_head``, ``_take_frame``);
+where the process waits (``_wait``, a ``poll()`` with the GIL released); and where
 OS errors become Python exceptions (``_raise_os_error``). The wire format is specified in
 docs/protocol.md; the handshake that precedes the frames lives in _handshake.py.
 """
@@ -48,26 +48,30 @@ cdef enum:
 
 # ---- buffer sizes, chosen by measurement ------------------------------------------------------
 cdef enum:
-    # Receive buffer: one recv() of up to this much takes in every small frame that has arrived.
-    RECV_BUFFER_SIZE = 256 * 1024
-    # A payload larger than this is read straight into its final object instead of through the
-    # receive buffer (saves one copy; below it the copy out of a cache-warm buffer is cheaper
-    # than the extra recv() calls a direct read needs). Measured, GB/s streaming recv_bytes(),
-    # direct from 16 KiB vs from 128 KiB: 20 kB 4.6 vs 4.1, 40 kB 6.6 vs 7.4, 60 kB 7.8 vs 7.6,
-    # 100 kB 6.9 vs 5.2: a wash below ~64 KiB, a clear gain above.
-    DIRECT_READ_THRESHOLD = 64 * 1024
+    # The window: a copy of the head of the socket's queue, taken with a peek (MSG_PEEK). It
+    # holds the largest frame head (an object message's header and size table, 65,552 bytes)
+    # with room to spare.
+    RECV_BUFFER_SIZE = 128 * 1024
+    # How much one peek looks at. A channel keeps what it saw between calls while no other
+    # process receives from its socket, so a big look serves many small messages; when another
+    # one does, every receive must look again, so it looks at little: a frame header and a
+    # small payload.
+    PEEK_SIZE = 64 * 1024
+    PEEK_SIZE_SHARED = 4096 + HEADER_SIZE
+    # An incomplete message is read into its parts with scatter reads of up to this many parts.
+    PENDING_IOV = 64
+    # recv_bytes_many() looks at the queue at most this many more times per call.
+    MANY_LOOKS = 4
     # A frame up to this size is assembled with its header in one contiguous buffer and sent with
     # send(); above it, header and payload go out with one gather write (sendmsg) and no copy.
     # Measured (stream between two processes, msg/s, copy+send vs sendmsg): 256 B 567k vs 543k,
     # 1 KiB 506k vs 496k, 4 KiB 401k vs 388k, 8 KiB 334k vs 331k, 16000 B 251k vs 270k.
     SMALL_SEND_SIZE = 8 * 1024
-    # A recv() after a wait that returns at least this much says the peer outruns us.
-    RECV_PLENTY = 16 * 1024
     # Inside batch(), the buffered frames are written once they reach this size.
     BATCH_FLUSH_SIZE = 64 * 1024
     # While busy-polling: time between two readiness checks, and how often to give the CPU
     # away in case the peer shares it (ns).
-    SPIN_GAP_NS = 2000
+    SPIN_GAP_NS = 500
     SPIN_YIELD_NS = 5000
     # A yield that takes longer than this (ns) means another thread ran on this CPU.
     SPIN_CONTENDED_NS = 2000
@@ -122,6 +126,18 @@ def _set_default_spin_ns(int64_t nanoseconds):
     _default_spin_ns = nanoseconds
 
 
+# How long a receiver in the middle of a stream that drained the queue naps before it sleeps in
+# poll() (see Channel._await_data), in ns; the kernel may round it up (Linux: by its 50 us timer
+# slack). 0: never nap.
+cdef int64_t _nap_ns = 10000
+
+
+def _set_nap_ns(int64_t nanoseconds):
+    """For benchmarks and tests: the stream receiver's nap (0 turns it off)."""
+    global _nap_ns
+    _nap_ns = nanoseconds
+
+
 cdef bint _detect_shared_cpu = True  # off only in tests of the spin budget itself
 
 
@@ -131,14 +147,19 @@ def _set_shared_cpu_detection(bint on):
     _detect_shared_cpu = on
 
 
-cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns,
-                           int64_t deadline) noexcept nogil:
+cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns, int64_t deadline,
+                           char *peek_buf, size_t peek_size,
+                           Py_ssize_t *peeked) noexcept nogil:
     """poll() with a zero timeout until the socket is ready (returns > 0), the spin budget or the
     deadline is spent (returns 0), this CPU turns out to be shared (returns SPIN_CONTENDED, or
     SPIN_READY_SHARED when the socket became ready after another thread ran here), or
-    poll() fails (returns < 0; the caller's blocking wait reports the error)."""
+    poll() fails (returns < 0; the caller's blocking wait reports the error).
+    With `peek_buf`, each check is a peek instead of a poll(): when data arrives, it is already
+    in `peek_buf` (*peeked bytes; 0 at the end of the stream), which saves the receive the
+    syscall of its own first look (measured, 64 B round trip: ~1 us)."""
     cdef short revents = 0
     cdef int rc
+    cdef Py_ssize_t n
     cdef int64_t now = lf_monotonic_ns()
     cdef int64_t limit = now + spin_ns
     cdef int64_t next_yield = now + SPIN_YIELD_NS
@@ -146,14 +167,26 @@ cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns,
     if deadline >= 0 and deadline < limit:
         limit = deadline
     while True:
-        rc = lf_poll(fd, events, 0, &revents)
+        if peek_buf != NULL:
+            n = lf_peek(fd, peek_buf, peek_size)
+            if n >= 0:
+                peeked[0] = n
+                rc = 1
+            elif lf_error_would_block(lf_last_error()) or lf_error_interrupted(lf_last_error()):
+                rc = 0
+            else:
+                rc = -1
+        else:
+            rc = lf_poll(fd, events, 0, &revents)
         now = lf_monotonic_ns()
         if rc > 0 and slow_yields > 0:
             return SPIN_READY_SHARED  # ready after another thread ran here: likely the peer
         if rc != 0 or now >= limit:
             return rc
-        # Space the checks out: a poll() on every turn contends with the sender for the socket
-        # and slowed a 64 B stream from ~500k to ~410k msg/s; 2 us apart costs <= 2 us latency.
+        # Space the checks out a little: each takes the socket's lock, which the peer's send
+        # then waits for. Only a wait for a reply spins (streams nap instead), and there the
+        # gap mattered little: 64 B round trip, median us, gap 0 / 0.3 / 1 / 2 us: 9.5-10.5 /
+        # 9.5-11.4 / 9.9-11.0 / 10.6-11.2; 4 KiB: 11.8-12.0 / 11.5 / 11.4-11.5 / 11.6-12.1.
         while lf_monotonic_ns() - now < SPIN_GAP_NS:
             pass
         if now >= next_yield:
@@ -192,6 +225,39 @@ cdef inline void _store_header(unsigned char *h, int kind, uint32_t count,
     h[1] = h[2] = h[3] = 0
     lf_store_u32le(h + 4, count)
     lf_store_u64le(h + 8, length)
+
+
+cdef inline Py_ssize_t _head_size(const unsigned char *h) noexcept nogil:
+    """The size of a frame's head: its header, and for an object message its size table."""
+    if h[0] == KIND_OBJECT:
+        return HEADER_SIZE + 8 * (<Py_ssize_t>lf_load_u32le(h + 4) + 1)
+    return HEADER_SIZE
+
+
+cdef list _object_parts(const unsigned char *h):
+    """Allocate the parts of the object message whose (checked) head is at `h`, at their final
+    sizes: the in-band pickle as bytes, each out-of-band buffer as a writable bytearray."""
+    cdef uint32_t count = lf_load_u32le(h + 4), i
+    cdef const unsigned char *table = h + HEADER_SIZE
+    parts = [PyBytes_FromStringAndSize(NULL, <Py_ssize_t>lf_load_u64le(table))]
+    for i in range(1, count + 1):
+        parts.append(PyByteArray_FromStringAndSize(NULL,
+                                                   <Py_ssize_t>lf_load_u64le(table + 8 * i)))
+    return parts
+
+
+cdef int _copy_parts(list parts, const char *src) except -1:
+    """Fill `parts` (from _object_parts) with the bytes that follow one another at `src`."""
+    cdef Py_ssize_t size
+    for part in parts:
+        if type(part) is bytes:
+            size = PyBytes_GET_SIZE(part)
+            memcpy(PyBytes_AS_STRING(part), src, size)
+        else:
+            size = PyByteArray_GET_SIZE(part)
+            memcpy(PyByteArray_AS_STRING(part), src, size)
+        src += size
+    return 0
 
 
 cdef class _Batch:
@@ -292,6 +358,24 @@ cdef inline int _lock(PyThread_type_lock lock, int64_t deadline, str what) excep
 cdef object _channels = weakref.WeakSet()
 
 
+def _before_fork():
+    """Move every channel's ledger into memory shared with the child (see _begin_receive), so
+    that both processes can tell whether the other received from the socket since they last
+    did, and either can discard what the other delivered. Where the mapping fails, the channel
+    settles its ledger now and forgets what it saw at every receive."""
+    cdef Channel channel
+    for channel in list(_channels):
+        if channel._ledger == channel._own_ledger and channel._fd != LF_INVALID_SOCKET:
+            shared = lf_shared_ledger_new()
+            if shared == NULL:
+                channel._flush_discards()
+                channel._shared = True
+            else:
+                shared[0] = channel._own_ledger[0]
+                shared[1] = channel._own_ledger[1]
+                channel._ledger = shared
+
+
 def _after_fork_in_child():
     """Only the forking thread survives fork(): in the child no thread is blocked on any channel.
     Forget the parent's blocked threads, or the child's close() would shut down the socket it
@@ -305,7 +389,7 @@ def _after_fork_in_child():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 cdef class Channel:
@@ -326,6 +410,7 @@ cdef class Channel:
         self._batch_buf = NULL
         self._send_lock = NULL
         self._recv_lock = NULL
+        self._ledger = self._own_ledger
 
     def __init__(self, fd, bint readable=True, bint writable=True, *,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None, spin=None):
@@ -356,7 +441,19 @@ cdef class Channel:
             raise MemoryError()
         self._rcap = RECV_BUFFER_SIZE
         self._rstart = self._rend = 0
+        self._head_have = 0
+        self._queue_empty = True
+        self._peek_saw_all = True
         self._last_recv_was_empty = True
+        self._shared = False
+        self._look_small = False
+        self._own_ledger[0] = self._own_ledger[1] = 0
+        self._ledger = self._own_ledger
+        self._consumed_seen = 0
+        self._sent_since_recv = False
+        self._streaming = False
+        self._spin_peeked = False
+        self._deferred_handshake = None
         self._pending = None
         self._send_rest = None
         # TCP_NODELAY: a message is sent when send_bytes() returns, never held back by Nagle.
@@ -389,6 +486,8 @@ cdef class Channel:
             self._fd = LF_INVALID_SOCKET
         if self._deferred_close_fd != LF_INVALID_SOCKET:
             lf_close(self._deferred_close_fd)
+        if self._ledger != self._own_ledger:
+            lf_shared_ledger_free(self._ledger)
         PyMem_Free(self._rbuf)
         PyMem_Free(self._sbuf)
         PyMem_Free(self._batch_buf)
@@ -459,7 +558,8 @@ cdef class Channel:
         return self._fd
 
     def close(self):
-        """Close the channel. Messages already received but not read are discarded.
+        """Close the channel. Messages not yet received stay in the socket for any other process
+        that shares it; with no other copy of the socket, they are discarded.
 
         A thread blocked in a receive or send on this channel wakes up and raises OSError.
         """
@@ -468,7 +568,8 @@ cdef class Channel:
             self._fd = LF_INVALID_SOCKET
             self._pending = None
             self._send_rest = None
-            self._rstart = self._rend = 0
+            self._deferred_handshake = None
+            self._rstart = self._rend = self._head_have = 0
             if self._blocked:
                 # Another thread is in poll()/recv()/send() on fd with the GIL released. Closing
                 # fd would not wake it (and the number could be reused under it): shut the
@@ -521,29 +622,47 @@ cdef class Channel:
 
     # ---- waiting ------------------------------------------------------------------------------
 
-    cdef int _wait(self, short events, int64_t deadline) except -1:
+    cdef int _wait(self, short events, int64_t deadline, Py_ssize_t peek_size=0) except -1:
         """Wait with the GIL released until the socket is ready for `events`.
-        Returns 0 when ready, 1 when the deadline passed (would-block is a value, not an error)."""
+        Returns 0 when ready, 1 when the deadline passed (would-block is a value, not an error).
+        With `peek_size` (a wait for data), a busy-poll that sees data leaves up to that many
+        bytes of it in the window and sets _spin_peeked."""
         cdef int64_t remaining, started
         cdef int timeout_ms, rc, err
         cdef short revents = 0
+        cdef char *peek_buf = NULL
+        cdef Py_ssize_t peeked = -1
         cdef lf_socket_t fd = self._fd
         cdef int64_t spin_ns = self._spin_ns if self._spin_ns >= 0 else _default_spin_ns
         if fd == LF_INVALID_SOCKET:
             raise OSError("handle is closed")
-        if spin_ns > 0 and deadline != 0:
+        # Spin only where a reply is awaited (this channel sent since its last receive), or for
+        # room to send: a receiver of a stream that spins takes each message alone as it
+        # arrives, which costs the stream more than a sleeping receiver's wake-ups.
+        if spin_ns > 0 and deadline != 0 and (events != LF_POLLIN or self._sent_since_recv):
             if self._spin_skip > 0:
                 self._spin_skip -= 1
             else:
                 # Bounded busy-polling: a sleeping receiver costs ~25 us of kernel wake-up per hop
                 # on loopback, so check readiness (never read: poll() must not consume) in a
                 # tight loop with the GIL released, up to the spin budget; then sleep in poll().
+                if peek_size > 0:
+                    self._flush_discards()  # a look must start at the first byte not delivered
+                    self._rstart = self._rend = 0
+                    peek_buf = self._rbuf
+                    peek_size = min(peek_size, self._rcap)
                 self._blocked += 1
                 with nogil:
                     started = lf_monotonic_ns()
-                    rc = _spin_until_ready(fd, events, spin_ns, deadline)
+                    rc = _spin_until_ready(fd, events, spin_ns, deadline, peek_buf,
+                                           <size_t>peek_size, &peeked)
                     self._spun_ns += lf_monotonic_ns() - started
                 self._unblocked()
+                if peeked >= 0:
+                    self._rstart = 0
+                    self._rend = peeked
+                    self._peek_saw_all = peeked < peek_size
+                    self._spin_peeked = True
                 if rc > 0 and rc != SPIN_READY_SHARED:
                     self._spin_backoff = 0
                     return 0
@@ -586,62 +705,237 @@ cdef class Channel:
             _raise_os_error(err)
 
     # ---- receiving ----------------------------------------------------------------------------
+    #
+    # The kernel holds every message not yet delivered. A receive consumes from the socket only
+    # the bytes of what it returns, so that an end shared by several processes (under their own
+    # lock) and watched by any selector behaves as a multiprocessing connection does. What the
+    # channel knows of the queue it learns with a peek into the window _rbuf[_rstart:_rend]; a
+    # frame's bytes are consumed (_discard) only once its payload has its final home.
 
-    cdef void _make_room(self) noexcept:
-        """Before a recv() into the receive buffer: start over when it is empty, or move the
-        unconsumed bytes to the front when less than a quarter is free at the end. Any frame
-        kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE (or, for an object message,
-        its header and size table), well under 3/4 of it, so afterwards there is room."""
-        if self._rstart == self._rend:
+    cdef int _begin_receive(self, int64_t deadline) except -1:
+        """Start of every receive call (the receive lock is held): finish a deferred handshake,
+        and forget the window if another process may have consumed from the socket since."""
+        if self._deferred_handshake is not None:
+            self._finish_handshake(deadline)
+        # Another process receiving from this socket makes a big look wasted work: while it
+        # does, look at little (a header and a small payload) at a time.
+        self._look_small = not self._window_valid()
+        if self._look_small:
             self._rstart = self._rend = 0
-        elif self._rstart > 0 and self._rcap - self._rend < self._rcap // 4:
-            memmove(self._rbuf, self._rbuf + self._rstart, self._rend - self._rstart)
-            self._rend -= self._rstart
-            self._rstart = 0
+            self._flush_discards()  # what another process delivered (see _deliver)
+            self._consumed_seen = lf_counter_load(self._ledger)
+        return 0
 
-    cdef int _fill(self, int64_t deadline) except -1:
-        """Receive at least one more byte into the receive buffer."""
+    cdef bint _window_valid(self) noexcept:
+        """Whether what the window shows can still be trusted: no other process received from
+        the socket since this channel last did."""
+        return not self._shared and lf_counter_load(self._ledger) == self._consumed_seen
+
+    cdef int _count_consumed(self, Py_ssize_t n) except -1:
+        """Record `n` bytes received straight from the socket (a payload, a head, handshake
+        bytes) in the ledger."""
+        self._consumed_seen = lf_counter_add(self._ledger, <uint64_t>n)
+        return 0
+
+    cdef int _deliver(self, Py_ssize_t n) except -1:
+        """The next `n` bytes of the window are delivered (their messages returned). They are
+        discarded from the socket later, in one syscall for many messages (_flush_discards):
+        before the next look at the socket or read from it, and at the end of the call that
+        delivered the last message known to be queued, so that between calls the socket holds
+        delivered bytes only while it also holds a whole message not yet delivered (its
+        readiness stays the truth), and the ledger says how many, for a process that shares
+        the socket to discard them first."""
+        self._consumed_seen = lf_counter_add(self._ledger, <uint64_t>n)
+        lf_counter_add(self._ledger + 1, <uint64_t>n)
+        self._rstart += n
+        return 0
+
+    cdef int _flush_discards(self) except -1:
+        """Discard from the socket the bytes delivered and not yet discarded (_deliver)."""
+        cdef uint64_t undiscarded = lf_counter_load(self._ledger + 1)
+        cdef Py_ssize_t n, chunk
+        cdef char *at
+        if undiscarded == 0 or self._fd == LF_INVALID_SOCKET:
+            return 0
+        n = <Py_ssize_t>undiscarded
+        lf_counter_add(self._ledger + 1, <uint64_t>0 - undiscarded)
+        # Where a copy is received where the discarding receive copies (not Linux), it must not
+        # overwrite the window: the delivered bytes precede it, or the window is empty.
+        if n <= self._rstart:
+            return self._discard(self._rbuf + self._rstart - n, n)
+        self._rstart = self._rend = 0
+        while n > 0:
+            chunk = min(n, self._rcap)
+            self._discard(self._rbuf, chunk)
+            n -= chunk
+        return 0
+
+    cdef int _settle(self) except -1:
+        """End of a receive call: discard the delivered bytes unless a whole message not yet
+        delivered is known to follow them (then the socket is readable anyway, and the next
+        receive discards them with its own)."""
+        cdef Py_ssize_t avail = self._rend - self._rstart
+        cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+        if lf_counter_load(self._ledger + 1) == 0:
+            return 0
+        if self._shared:  # a process we cannot see may receive next: it must find none
+            return self._flush_discards()
+        if avail >= HEADER_SIZE and self._header_error(h) is None \
+                and <Py_ssize_t>lf_load_u64le(h + 8) <= avail - HEADER_SIZE:
+            return 0
+        return self._flush_discards()
+
+    cdef int _finish_handshake(self, int64_t deadline) except -1:
+        """Run the rest of a deferred handshake (the peer's hello, see connection.Client), waiting
+        for its bytes up to `deadline`. A failure closes the channel and raises as the handshake
+        does (ProtocolError, AuthenticationError)."""
+        handshake = self._deferred_handshake
+        while True:
+            try:
+                done = handshake.advance()
+            except BaseException:
+                self._deferred_handshake = None
+                self.close()
+                raise
+            if done:
+                self._deferred_handshake = None
+                return 0
+            if deadline == 0 or self._wait(LF_POLLIN, deadline):
+                raise TimeoutError("timed out waiting for a message")
+
+    cdef int _check_handshake_now(self) except -1:
+        """Before a send: finish a deferred handshake if the peer's hello has arrived, without
+        waiting for it (a Client may send before the listener accepts, as multiprocessing's)."""
+        if not PyThread_acquire_lock(self._recv_lock, NOWAIT_LOCK):
+            return 0  # a receive is under way: it finishes the handshake
+        try:
+            if self._deferred_handshake is not None:
+                self._finish_handshake(0)
+        except TimeoutError:
+            pass  # the hello has not arrived yet
+        finally:
+            PyThread_release_lock(self._recv_lock)
+        return 0
+
+    cdef Py_ssize_t _peek(self, Py_ssize_t size) except -2:
+        """Copy up to `size` queued bytes to the start of the window, consuming nothing. Returns
+        how many (> 0), 0 at the end of the stream, -1 when nothing is queued."""
         cdef Py_ssize_t n
         cdef int err
-        cdef bint waited
-        self._make_room()
         if self._fd == LF_INVALID_SOCKET:
             raise OSError("handle is closed")
+        self._flush_discards()  # a look must start at the first byte not delivered
+        if size > self._rcap:
+            size = self._rcap
         while True:
-            waited = self._last_recv_was_empty
-            if waited:
-                # The last recv() found nothing: wait first, saving a recv() that would fail.
-                if self._wait(LF_POLLIN, deadline):
-                    raise TimeoutError("timed out waiting for a message")
-            n = lf_recv(self._fd, self._rbuf + self._rend, <size_t>(self._rcap - self._rend))
-            if n > 0:
-                self._rend += n
-                # Try recv() first next time only if data is plentiful (a stream that outruns
-                # us); a request/response peer leaves nothing to read, so wait first there.
-                self._last_recv_was_empty = waited and n < RECV_PLENTY
-                return 0
-            if n == 0:
-                if self._rend > self._rstart or self._pending is not None:
-                    self._protocol_error(
-                        "the peer closed the connection in the middle of a message")
-                raise EOFError("the peer closed the connection")
+            n = lf_peek(self._fd, self._rbuf, <size_t>size)
+            if n >= 0:
+                self._rstart = 0
+                self._rend = n
+                self._peek_saw_all = n < size
+                return n
             err = lf_last_error()
+            self._rstart = self._rend = 0
             if lf_error_would_block(err):
-                self._last_recv_was_empty = True
-            elif lf_error_interrupted(err):
+                self._queue_empty = True
+                return -1
+            if lf_error_interrupted(err):
                 PyErr_CheckSignals()
-            elif self._rend > self._rstart or self._pending is not None:
-                self._protocol_error(
-                    f"connection lost in the middle of a message ({_os_error_text(err)})")
+                continue
+            _raise_os_error(err)
+
+    cdef int _know(self, Py_ssize_t need, int64_t deadline) except -1:
+        """Make the first `need` queued bytes known (in the window), waiting for the first byte.
+        Returns 0 when they are, 1 when fewer are queued (the rest of a frame is still on its
+        way). EOFError when the peer closed the connection with nothing queued."""
+        cdef Py_ssize_t n, size
+        cdef bint slept = False
+        if self._rend - self._rstart >= need:
+            return 0
+        size = max(need, PEEK_SIZE_SHARED if self._look_small else PEEK_SIZE)
+        if self._rend == self._rstart and self._queue_empty:
+            # The last look found the queue empty: wait first, saving a peek that would fail.
+            slept = self._await_data(deadline, size)
+        while True:
+            if self._spin_peeked:  # the busy-poll of the wait looked already
+                self._spin_peeked = False
+                n = self._rend - self._rstart
             else:
-                _raise_os_error(err)
+                n = self._peek(size)
+            if n > 0:
+                self._queue_empty = False
+                self._streaming = not slept
+                return 0 if n >= need else 1
+            if n == 0:
+                raise EOFError("the peer closed the connection")
+            slept = self._await_data(deadline, size)
+
+    cdef bint _await_data(self, int64_t deadline, Py_ssize_t peek_size) except -1:
+        """Wait for data to receive; TimeoutError at the deadline. Returns True if the wait slept
+        until the data came, False after a nap.
+
+        A receiver in the middle of a stream (its last message was already queued when it
+        looked) that drains the queue naps (_nap_ns) first, off the socket's wait queue, instead of
+        sleeping in poll() at once: the sender's next send() then has no receiver to wake (a
+        wake-up per send, ~25 us each on this loopback, is what slowed a 64 B stream to ~200k
+        msg/s), and the messages of the nap are taken one after another. Measured, 64 B stream,
+        send_bytes/recv_bytes, pinned to two CPUs: poll() at once 190-250k msg/s, busy-polling
+        (which drains every message alone, the kernel acknowledging each) 195-205k, a nap
+        440-850k. A receiver whose message was not queued (request/response, a sporadic
+        message) never naps, and one that awaits a reply busy-polls instead (see _wait)."""
+        if self._streaming and not self._sent_since_recv and deadline != 0 and _nap_ns > 0:
+            self._streaming = False
+            with nogil:
+                lf_nap(_nap_ns)
+            return False
+        self._spin_peeked = False
+        if self._wait(LF_POLLIN, deadline, peek_size):
+            self._spin_peeked = False
+            raise TimeoutError("timed out waiting for a message")
+        return True
+
+    cdef int _discard(self, char *at, Py_ssize_t n) except -1:
+        """Consume `n` bytes known (peeked) to be queued, whose copy is at `at`."""
+        cdef Py_ssize_t got
+        cdef int err
+        while n > 0:
+            got = lf_discard(self._fd, at, <size_t>n)
+            if got > 0:
+                n -= got
+                at += got
+                continue
+            err = lf_last_error()
+            if got < 0 and lf_error_interrupted(err):
+                continue  # nothing was consumed; the bytes are still queued
+            if got < 0 and lf_error_would_block(err):
+                self._protocol_error("bytes this channel had seen queued were taken by someone "
+                                     "else (another process receiving without a lock?)")
+            self._protocol_error("connection lost in the middle of a message"
+                                 + ("" if got == 0 else f" ({_os_error_text(err)})"))
+        return 0
+
+    cdef int _after_consume(self) except -1:
+        """After consuming from the window: the queue is empty if the last peek saw all of it."""
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+            self._queue_empty = self._peek_saw_all
+        return 0
 
     cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1:
-        """Receive between 1 and `size` bytes of a payload straight into `dst` (its final home).
+        """Receive between 1 and `size` bytes of a frame straight into `dst` (their final home).
         The connection ending here is always in the middle of a message."""
+        cdef lf_iovec iov
+        iov.base = dst
+        iov.len = size
+        return self._recv_some_v(&iov, 1, size, deadline)
+
+    cdef Py_ssize_t _recv_some_v(self, lf_iovec *iov, int count, Py_ssize_t total,
+                                 int64_t deadline) except -1:
+        """Receive between 1 and `total` bytes into the buffers of `iov` (one scatter read)."""
         cdef Py_ssize_t n
         cdef int err
         cdef lf_socket_t fd
+        self._flush_discards()
         while True:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
@@ -653,11 +947,15 @@ cdef class Channel:
                                        "the next receive resumes it")
             self._blocked += 1
             with nogil:
-                n = lf_recv(fd, dst, <size_t>size)
+                if count == 1:
+                    n = lf_recv(fd, <char *>iov[0].base, iov[0].len)
+                else:
+                    n = lf_recvv(fd, iov, count)
                 err = lf_last_error()
             self._unblocked()
             if n > 0:
-                self._last_recv_was_empty = n < size
+                self._count_consumed(n)
+                self._last_recv_was_empty = n < total
                 return n
             if n == 0:
                 self._protocol_error("the peer closed the connection in the middle of a message")
@@ -669,10 +967,8 @@ cdef class Channel:
                 self._protocol_error(
                     f"connection lost in the middle of a message ({_os_error_text(err)})")
 
-    cdef str _header_error(self):
-        """Check the frame header at the start of the buffered bytes (there must be at least
-        HEADER_SIZE): None if it is valid, else what is wrong with it. No side effects."""
-        cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+    cdef str _header_error(self, const unsigned char *h):
+        """What is wrong with the frame header at `h` (HEADER_SIZE bytes), or None."""
         cdef uint64_t n = lf_load_u64le(h + 8)
         cdef uint32_t count = lf_load_u32le(h + 4)
         if h[0] < KIND_BYTES or h[0] > KIND_OBJECT or h[1] != 0 or h[2] != 0 or h[3] != 0 \
@@ -689,52 +985,116 @@ cdef class Channel:
             return f"the peer announced a {n}-byte message, too large for this machine"
         return None
 
-    cdef int _read_header(self, int *kind, Py_ssize_t *length) except -1:
-        """Parse the frame header at the start of the buffered bytes (there must be at least
-        HEADER_SIZE); a bad one closes the channel and raises ProtocolError, before anything is
-        allocated for the payload. Consumes nothing."""
-        cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
-        error = self._header_error()
-        if error is not None:
-            self._protocol_error(error)
-        kind[0] = h[0]
-        length[0] = <Py_ssize_t>lf_load_u64le(h + 8)
+    cdef int _check_table(self, const unsigned char *h) except -1:
+        """An object frame's size table (after the header at `h`) must add up to its length."""
+        cdef uint32_t count = lf_load_u32le(h + 4), i
+        cdef uint64_t length = lf_load_u64le(h + 8), size, total = 8 * (<uint64_t>count + 1)
+        for i in range(count + 1):
+            size = lf_load_u64le(h + HEADER_SIZE + 8 * i)
+            if size > length or total + size > length:  # no overflow
+                total = length + 1
+                break
+            total += size
+        if total != length:
+            self._protocol_error(f"malformed object frame: the sizes of its {count + 1} parts "
+                                 f"do not add up to its length of {length} bytes")
         return 0
 
-    cdef object _finish_pending(self, int64_t deadline):
-        """Fill the parts of the message being received (self._pending, a list of bytes /
-        bytearray objects allocated at their final sizes) and return the list. Small parts are
-        copied out of the receive buffer, large ones read straight from the socket. An exception
-        (timeout, Ctrl-C) leaves the progress recorded, so the next receive resumes the message."""
-        cdef list parts = self._pending
-        cdef object part
-        cdef Py_ssize_t size, avail, n
-        cdef char *p
-        while self._pending_part < len(parts):
-            part = parts[self._pending_part]
-            if type(part) is bytes:
-                p = PyBytes_AS_STRING(part)
-                size = PyBytes_GET_SIZE(part)
+    cdef int _next_head(self, int64_t deadline, bint objects) except -1:
+        """Wait for the next frame's head (its header and, for an object message, its size
+        table), check it (a bad one closes the channel: ProtocolError, before anything is
+        allocated; an object message when not `objects`: OSError from the header alone, the
+        message left in place) and return 0 when it is in the window at _rstart, not consumed (the usual
+        case), or 1 when it was consumed into _rbuf[0:_head_have] because it arrived in pieces
+        (a consumed head stays there until its payload has been allocated)."""
+        cdef const unsigned char *h
+        cdef Py_ssize_t head_size
+        cdef str error
+        while True:
+            if self._head_have > 0:
+                self._read_head(HEADER_SIZE, deadline)
+                h = <const unsigned char *>self._rbuf
+                error = self._header_error(h)
+                if error is not None:
+                    self._protocol_error(error)
+                if h[0] == KIND_OBJECT and not objects:
+                    self._refuse_object()
+                self._read_head(_head_size(h), deadline)
+                if h[0] == KIND_OBJECT:
+                    self._check_table(h)
+                return 1
+            if self._know(HEADER_SIZE, deadline) == 0:
+                h = <const unsigned char *>(self._rbuf + self._rstart)
+                error = self._header_error(h)
+                if error is not None:
+                    self._protocol_error(error)
+                if h[0] == KIND_OBJECT and not objects:
+                    self._refuse_object()
+                head_size = _head_size(h)
+                if self._know(head_size, deadline) == 0:
+                    h = <const unsigned char *>(self._rbuf + self._rstart)  # a peek moves it
+                    if h[0] == KIND_OBJECT:
+                        self._check_table(h)
+                    return 0
+            # Only part of the head is queued: take it, and read the rest as it arrives.
+            head_size = self._rend - self._rstart
+            self._flush_discards()
+            memmove(self._rbuf, self._rbuf + self._rstart, head_size)
+            self._rstart = self._rend = 0
+            self._discard(self._rbuf, head_size)
+            self._count_consumed(head_size)
+            self._head_have = head_size
+            self._last_recv_was_empty = True
+
+    cdef int _read_head(self, Py_ssize_t size, int64_t deadline) except -1:
+        """Head mode: receive the head in _rbuf up to `size` bytes."""
+        while self._head_have < size:
+            self._head_have += self._recv_some(self._rbuf + self._head_have,
+                                               size - self._head_have, deadline)
+        return 0
+
+    cdef object _take_frame(self, int64_t deadline, bint consumed):
+        """Receive the frame whose head _next_head() returned: its payload as bytes (kinds 1 and
+        2) or the list [pickle, buffer, ...] (an object message), each allocated once at its
+        final size *before* anything more is consumed, so that a MemoryError leaves the message
+        where it was (in the socket, or its head in head mode). A frame that is all in the
+        window is copied out and then consumed; a longer one is read straight from the socket
+        into its parts (self._pending while it is incomplete)."""
+        cdef const unsigned char *h = <const unsigned char *>(
+            self._rbuf if consumed else self._rbuf + self._rstart)
+        cdef Py_ssize_t length = <Py_ssize_t>lf_load_u64le(h + 8)
+        cdef int kind = h[0]
+        cdef object out
+        if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
+            if kind == KIND_OBJECT:
+                out = _object_parts(h)
+                _copy_parts(out, <const char *>h + _head_size(h))
             else:
-                p = PyByteArray_AS_STRING(part)
-                size = PyByteArray_GET_SIZE(part)
-            while self._pending_filled < size:
-                n = size - self._pending_filled
-                avail = self._rend - self._rstart
-                if avail > 0:
-                    n = min(n, avail)
-                    memcpy(p + self._pending_filled, self._rbuf + self._rstart, n)
-                    self._rstart += n
-                elif n < DIRECT_READ_THRESHOLD:
-                    self._fill(deadline)  # one recv() for this and the following small parts
-                    continue
-                else:
-                    n = self._recv_some(p + self._pending_filled, n, deadline)
-                self._pending_filled += n
-            self._pending_part += 1
-            self._pending_filled = 0
-        self._pending = None
-        return parts
+                out = PyBytes_FromStringAndSize(<const char *>h + HEADER_SIZE, length)
+            self._deliver(HEADER_SIZE + length)
+            self._after_consume()
+            return out
+        parts = _object_parts(h) if kind == KIND_OBJECT else \
+            [PyBytes_FromStringAndSize(NULL, length)]
+        self._consume_head(consumed)
+        self._start_pending(parts, kind)
+        parts = self._finish_pending(deadline)
+        return parts if kind == KIND_OBJECT else parts[0]
+
+    cdef int _consume_head(self, bint consumed) except -1:
+        """The payload has a home: consume the head (if still queued) and forget the window,
+        which the payload's direct reads make stale."""
+        cdef Py_ssize_t head_size
+        if consumed:
+            self._head_have = 0
+        else:
+            self._flush_discards()
+            head_size = _head_size(<const unsigned char *>(self._rbuf + self._rstart))
+            self._discard(self._rbuf + self._rstart, head_size)
+            self._count_consumed(head_size)
+        self._rstart = self._rend = 0
+        self._last_recv_was_empty = False  # the payload is probably queued already
+        return 0
 
     cdef int _start_pending(self, list parts, int kind) except -1:
         self._pending = parts
@@ -743,74 +1103,65 @@ cdef class Channel:
         self._pending_kind = kind
         return 0
 
-    cdef list _object_parts(self, Py_ssize_t length, uint32_t count):
-        """Check an object frame's size table (at the start of the buffered bytes, after the
-        header) and allocate its parts: the in-band pickle as bytes, each out-of-band buffer as
-        a writable bytearray. Consumes header and table. Nothing is allocated for a bad table."""
-        cdef const unsigned char *table = <const unsigned char *>(
-            self._rbuf + self._rstart + HEADER_SIZE)
-        cdef uint64_t size, total = 8 * (<uint64_t>count + 1)
-        cdef uint32_t i
-        cdef bint consistent = True
-        for i in range(count + 1):
-            size = lf_load_u64le(table + 8 * i)
-            if size > <uint64_t>length or total + size > <uint64_t>length:  # no overflow
-                consistent = False
-                break
-            total += size
-        if not consistent or total != <uint64_t>length:
-            self._protocol_error(f"malformed object frame: the sizes of its {count + 1} parts "
-                                 f"do not add up to its length of {length} bytes")
-        parts = [PyBytes_FromStringAndSize(NULL, <Py_ssize_t>lf_load_u64le(table))]
-        for i in range(1, count + 1):
-            parts.append(PyByteArray_FromStringAndSize(
-                NULL, <Py_ssize_t>lf_load_u64le(table + 8 * i)))
-        self._rstart += HEADER_SIZE + 8 * (count + 1)
-        return parts
-
-    cdef object _recv_frame(self, int64_t deadline, Py_ssize_t maxlength, int *kind):
-        """Receive one whole message. Returns its payload as bytes (allocated once, at its final
-        size) for kinds 1 and 2, and the list [pickle, buffer, ...] for an object message.
-        maxlength < 0: no limit."""
-        cdef Py_ssize_t avail, length
-        cdef uint32_t count
-        cdef object out
-        if self._pending is not None:
-            kind[0] = self._pending_kind
-            if kind[0] != KIND_OBJECT:
-                if maxlength >= 0 and PyBytes_GET_SIZE(self._pending[0]) > maxlength:
-                    self._bad_message_length()
-                return self._finish_pending(deadline)[0]
-            return self._finish_pending(deadline)
+    cdef object _finish_pending(self, int64_t deadline):
+        """Fill the parts of the message being received (self._pending, bytes / bytearray objects
+        allocated at their final sizes) straight from the socket, many parts per scatter read,
+        and return the list. An exception (timeout, Ctrl-C) leaves the progress recorded, so the
+        next receive resumes the message."""
+        cdef list parts = self._pending
+        cdef lf_iovec iov[PENDING_IOV]
+        cdef int niov
+        cdef Py_ssize_t i, total, n, size
+        cdef object part
+        cdef char *p
         while True:
-            avail = self._rend - self._rstart
-            if avail >= HEADER_SIZE:
-                self._read_header(kind, &length)
-                if kind[0] == KIND_OBJECT:
-                    count = lf_load_u32le(<const unsigned char *>(self._rbuf + self._rstart + 4))
-                    if avail >= HEADER_SIZE + 8 * (count + 1):
-                        self._start_pending(self._object_parts(length, count), KIND_OBJECT)
-                        return self._finish_pending(deadline)
+            niov = 0
+            total = 0
+            i = self._pending_part
+            while i < len(parts) and niov < PENDING_IOV:
+                part = parts[i]
+                if type(part) is bytes:
+                    p = PyBytes_AS_STRING(part)
+                    size = PyBytes_GET_SIZE(part)
                 else:
-                    if maxlength >= 0 and length > maxlength:
-                        self._bad_message_length()
-                    if length <= avail - HEADER_SIZE:
-                        out = PyBytes_FromStringAndSize(
-                            self._rbuf + self._rstart + HEADER_SIZE, length)
-                        self._rstart += HEADER_SIZE + length
-                        return out
-                    if length > DIRECT_READ_THRESHOLD:
-                        self._rstart += HEADER_SIZE
-                        self._start_pending([PyBytes_FromStringAndSize(NULL, length)], kind[0])
-                        return self._finish_pending(deadline)[0]
-            self._fill(deadline)
+                    p = PyByteArray_AS_STRING(part)
+                    size = PyByteArray_GET_SIZE(part)
+                if i == self._pending_part:
+                    p += self._pending_filled
+                    size -= self._pending_filled
+                if size > 0:
+                    iov[niov].base = p
+                    iov[niov].len = size
+                    total += size
+                    niov += 1
+                elif niov == 0:
+                    self._pending_part += 1  # an empty part, or one just filled
+                    self._pending_filled = 0
+                i += 1
+            if niov == 0:
+                break
+            n = self._recv_some_v(iov, niov, total, deadline)
+            # Record the progress: whole parts filled, then bytes of the next one.
+            while n > 0:
+                part = parts[self._pending_part]
+                size = (PyBytes_GET_SIZE(part) if type(part) is bytes
+                        else PyByteArray_GET_SIZE(part)) - self._pending_filled
+                if n >= size:
+                    n -= size
+                    self._pending_part += 1
+                    self._pending_filled = 0
+                else:
+                    self._pending_filled += n
+                    n = 0
+        self._pending = None
+        return parts
 
     cdef int _refuse_object(self) except -1:
         raise OSError("the next message was sent with send() and carries out-of-band buffers: "
                       "receive it with recv()")
 
     cdef _bad_message_length(self):
-        # As multiprocessing does: the stream is left mid-message, so reading is over.
+        # As multiprocessing does: reading is over on this channel (the message is left unread).
         if self._writable:
             self._readable = False
         else:
@@ -825,6 +1176,7 @@ cdef class Channel:
         connection between messages, ProtocolError if it vanished in the middle of one, and
         OSError (and the channel stops reading) if the message is longer than `maxlength`.
         An object message with out-of-band buffers raises OSError and is left for recv().
+        A MemoryError leaves the message in the socket, for the next receive.
         """
         cdef Py_ssize_t c_maxlength = -1
         self._check_readable()
@@ -835,39 +1187,44 @@ cdef class Channel:
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock, deadline, "receive")
         try:
-            return self._recv_bytes_frame(deadline, c_maxlength)
+            self._begin_receive(deadline)
+            out = self._recv_bytes_frame(deadline, c_maxlength)
+            self._sent_since_recv = False
+            return out
         finally:
-            PyThread_release_lock(self._recv_lock)
+            try:
+                self._settle()
+            finally:
+                PyThread_release_lock(self._recv_lock)
 
     cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength):
         """The next message's payload as bytes (the receive lock is held). An object message is
-        refused: its out-of-band buffers have no place in a bytes result."""
-        cdef int kind
-        if self._next_is_object(deadline):
-            self._refuse_object()
-        return self._recv_frame(deadline, maxlength, &kind)
-
-    cdef bint _next_is_object(self, int64_t deadline) except -1:
-        """Wait for the next message's header; True if it is an object message (which only
-        recv() can take: its out-of-band buffers have no place in a bytes result)."""
-        cdef int kind
-        cdef Py_ssize_t length
+        refused, and left in place: its out-of-band buffers have no place in a bytes result."""
+        cdef bint consumed
+        cdef const unsigned char *h
         if self._pending is not None:
-            return self._pending_kind == KIND_OBJECT
-        while self._rend - self._rstart < HEADER_SIZE:
-            self._fill(deadline)
-        self._read_header(&kind, &length)
-        return kind == KIND_OBJECT
+            if self._pending_kind == KIND_OBJECT:
+                self._refuse_object()
+            if maxlength >= 0 and PyBytes_GET_SIZE(self._pending[0]) > maxlength:
+                self._bad_message_length()
+            return self._finish_pending(deadline)[0]
+        consumed = self._next_head(deadline, False)
+        h = <const unsigned char *>(self._rbuf if consumed else self._rbuf + self._rstart)
+        if maxlength >= 0 and <Py_ssize_t>lf_load_u64le(h + 8) > maxlength:
+            self._bad_message_length()
+        return self._take_frame(deadline, consumed)
 
     def recv_bytes_many(self, max_messages=None, *, timeout=None):
         """Wait for the next message (up to `timeout`), then return it with every further whole
-        message already received, up to `max_messages`, as a list of bytes. The further ones
-        come out of the receive buffer without a syscall each; one more nonblocking recv() is
-        made when the buffer runs dry. At least one message is returned, or an exception raised.
+        message already queued, up to `max_messages`, as a list of bytes. Only whole messages
+        are taken (the rest stay queued), with two syscalls for the lot: a look at what is queued
+        and one receive of exactly those messages. At least one message is returned, or an
+        exception raised; a MemoryError part-way returns the messages taken so far.
         """
-        cdef Py_ssize_t limit = -1, avail, length, taken
+        cdef Py_ssize_t limit = -1, length, taken, pos, took, looks = 0
         cdef const unsigned char *h
         cdef list out
+        cdef bint short_of_memory = False
         self._check_readable()
         if max_messages is not None:
             if max_messages < 1:
@@ -876,52 +1233,71 @@ cdef class Channel:
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock, deadline, "receive")
         try:
+            self._begin_receive(deadline)
             out = [self._recv_bytes_frame(deadline, -1)]
+            self._sent_since_recv = False
             taken = 1
             while limit < 0 or taken < limit:
-                avail = self._rend - self._rstart
-                h = <const unsigned char *>(self._rbuf + self._rstart)
-                if avail >= HEADER_SIZE and _plain_frame_header(h, self._max_message_size):
+                # Every whole plain frame in the window, up to the limit.
+                pos = self._rstart
+                while (limit < 0 or taken < limit) and self._rend - pos >= HEADER_SIZE:
+                    h = <const unsigned char *>(self._rbuf + pos)
+                    if not _plain_frame_header(h, self._max_message_size):
+                        break  # an object message or a bad header: the next call takes it
                     length = <Py_ssize_t>lf_load_u64le(h + 8)
-                    if length <= avail - HEADER_SIZE:
-                        out.append(PyBytes_FromStringAndSize(<char *>h + HEADER_SIZE, length))
-                        self._rstart += HEADER_SIZE + length
-                        taken += 1
-                        continue
-                    if length > DIRECT_READ_THRESHOLD:
-                        break  # a large payload: the next call reads it into its own object
-                elif avail >= HEADER_SIZE:
-                    break  # an object message or a bad header: the next call takes or reports it
-                # A partial frame (or none): one nonblocking recv() for more, then stop.
-                if not self._fill_nowait():
+                    if length > self._rend - pos - HEADER_SIZE:
+                        break  # not all queued yet
+                    try:
+                        out.append(PyBytes_FromStringAndSize(<const char *>h + HEADER_SIZE,
+                                                             length))
+                    except MemoryError:
+                        short_of_memory = True
+                        break
+                    pos += HEADER_SIZE + length
+                    taken += 1
+                took = pos - self._rstart
+                if took > 0:
+                    self._deliver(took)
+                    self._after_consume()
+                if short_of_memory or (limit >= 0 and taken >= limit) or looks >= MANY_LOOKS \
+                        or (looks > 0 and took == 0):
+                    break
+                # One more nonblocking look at the queue; stop when it shows nothing new.
+                looks += 1
+                if self._peek(PEEK_SIZE) <= 0:
                     break
             return out
         finally:
-            PyThread_release_lock(self._recv_lock)
-
-    cdef bint _fill_nowait(self) except -1:
-        """One nonblocking recv() into the receive buffer: True if it brought data. End of
-        stream and errors are left for the next receive to report."""
-        cdef Py_ssize_t n
-        self._make_room()
-        if self._rend == self._rcap:
-            return False
-        n = lf_recv(self._fd, self._rbuf + self._rend, <size_t>(self._rcap - self._rend))
-        if n <= 0:
-            return False
-        self._rend += n
-        return True
+            try:
+                self._settle()
+            finally:
+                PyThread_release_lock(self._recv_lock)
 
     def recv(self, *, timeout=None):
-        """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
-        cdef int kind
+        """Receive one object sent with send() (unpickled: only talk to peers you trust).
+
+        A MemoryError leaves the message in the socket, for the next receive."""
+        cdef bint consumed
         self._check_readable()
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock, deadline, "receive")
         try:
-            payload = self._recv_frame(deadline, -1, &kind)
+            self._begin_receive(deadline)
+            if self._pending is not None:
+                kind = self._pending_kind
+                payload = self._finish_pending(deadline)
+                if kind != KIND_OBJECT:
+                    payload = payload[0]
+            else:
+                consumed = self._next_head(deadline, True)
+                kind = (self._rbuf if consumed else self._rbuf + self._rstart)[0]
+                payload = self._take_frame(deadline, consumed)
+            self._sent_since_recv = False
         finally:
-            PyThread_release_lock(self._recv_lock)
+            try:
+                self._settle()
+            finally:
+                PyThread_release_lock(self._recv_lock)
         if kind == KIND_OBJECT:
             return _loads(payload[0], buffers=payload[1:])
         if self._serializer is not None:
@@ -932,13 +1308,17 @@ cdef class Channel:
         """Receive one message into the writable buffer `buf`, starting `offset` bytes in, and
         return its size in bytes. A large payload is read from the socket straight into `buf`.
 
-        If the message does not fit, raises BufferTooShort with the whole message as args[0].
+        If the message does not fit, it is received whole and raises BufferTooShort with the
+        message as args[0] (as multiprocessing does); the next receive gets the next message.
         An object message with out-of-band buffers raises OSError and is left for recv().
+        A MemoryError leaves the message in the socket.
         """
         cdef Py_buffer view
-        cdef Py_ssize_t space, avail, length, filled
+        cdef Py_ssize_t space, length, filled
         cdef int kind
+        cdef bint consumed
         cdef char *dst
+        cdef const unsigned char *h
         cdef int64_t deadline
         self._check_readable()
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
@@ -952,32 +1332,32 @@ cdef class Channel:
             deadline = _deadline(timeout)
             _lock(self._recv_lock, deadline, "receive")
             try:
-                if self._next_is_object(deadline):
-                    self._refuse_object()
+                self._begin_receive(deadline)
                 if self._pending is not None:
-                    payload = self._recv_frame(deadline, -1, &kind)
+                    payload = self._recv_bytes_frame(deadline, -1)
+                    self._sent_since_recv = False
                     length = PyBytes_GET_SIZE(payload)
                     if length > space:
                         raise BufferTooShort(payload)
                     memcpy(dst, PyBytes_AS_STRING(payload), length)
                     return length
-                while True:
-                    avail = self._rend - self._rstart
-                    if avail >= HEADER_SIZE:
-                        self._read_header(&kind, &length)
-                        if length > space:
-                            raise BufferTooShort(self._recv_frame(deadline, -1, &kind))
-                        if length <= avail - HEADER_SIZE:
-                            memcpy(dst, self._rbuf + self._rstart + HEADER_SIZE, length)
-                            self._rstart += HEADER_SIZE + length
-                            return length
-                        if length > DIRECT_READ_THRESHOLD:
-                            break
-                    self._fill(deadline)
-                # A large payload: straight from the socket into the caller's buffer.
-                filled = avail - HEADER_SIZE
-                memcpy(dst, self._rbuf + self._rstart + HEADER_SIZE, filled)
-                self._rstart = self._rend = 0
+                consumed = self._next_head(deadline, False)
+                h = <const unsigned char *>(self._rbuf if consumed else self._rbuf + self._rstart)
+                kind = h[0]
+                length = <Py_ssize_t>lf_load_u64le(h + 8)
+                if length > space:
+                    payload = self._take_frame(deadline, consumed)
+                    self._sent_since_recv = False
+                    raise BufferTooShort(payload)
+                if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
+                    memcpy(dst, self._rbuf + self._rstart + HEADER_SIZE, length)
+                    self._deliver(HEADER_SIZE + length)
+                    self._after_consume()
+                    self._sent_since_recv = False
+                    return length
+                # Not all queued yet: straight from the socket into the caller's buffer.
+                self._consume_head(consumed)
+                filled = 0
                 try:
                     while filled < length:
                         filled += self._recv_some(dst + filled, length - filled, deadline)
@@ -990,35 +1370,55 @@ cdef class Channel:
                         self._start_pending([payload], kind)
                         self._pending_filled = filled
                     raise
+                self._sent_since_recv = False
                 return length
             finally:
-                PyThread_release_lock(self._recv_lock)
+                try:
+                    self._settle()
+                finally:
+                    PyThread_release_lock(self._recv_lock)
         finally:
             PyBuffer_Release(&view)
 
     def poll(self, timeout=0.0):
         """Return whether there is data to read, waiting up to `timeout` seconds (None: no limit).
 
-        Never reads from the socket, so it never consumes or splits a message.
+        Never consumes a message: it looks at the socket as any selector would.
         """
         self._check_readable()
-        if self._rend > self._rstart or self._pending is not None:
+        cdef int64_t deadline = _deadline(timeout)
+        if self._deferred_handshake is not None:
+            _lock(self._recv_lock, deadline, "receive")
+            try:
+                if self._deferred_handshake is not None:
+                    self._finish_handshake(deadline)
+            except TimeoutError:
+                return False
+            finally:
+                PyThread_release_lock(self._recv_lock)
+        if self._pending is not None or self._head_have > 0 \
+                or (self._rend > self._rstart and self._window_valid()):
             return True
-        return self._wait(LF_POLLIN, _deadline(timeout)) == 0
+        return self._wait(LF_POLLIN, deadline) == 0
 
     def _spin_time(self):
         """Seconds this channel has spent busy-polling, in all (for tests and diagnostics)."""
         return self._spun_ns / 1e9
 
+    def _awaits_reply(self):
+        """True if this channel sent since its last receive (its waits for data busy-poll)."""
+        return self._sent_since_recv
+
     def _has_message(self):
-        """True if a whole message is already in the receive buffer (no syscall)."""
+        """True if a whole message (or a malformed header) is known to be queued (no syscall)."""
         cdef Py_ssize_t avail = self._rend - self._rstart
-        if self._fd == LF_INVALID_SOCKET or avail < HEADER_SIZE or self._pending is not None:
+        cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+        if self._fd == LF_INVALID_SOCKET or avail < HEADER_SIZE or self._pending is not None \
+                or self._head_have > 0 or not self._window_valid():
             return False
-        if self._header_error() is not None:
+        if self._header_error(h) is not None:
             return True  # ready: the receive will raise the ProtocolError
-        return <Py_ssize_t>lf_load_u64le(<const unsigned char *>(self._rbuf + self._rstart + 8)) \
-            <= avail - HEADER_SIZE
+        return <Py_ssize_t>lf_load_u64le(h + 8) <= avail - HEADER_SIZE
 
     # ---- sending ------------------------------------------------------------------------------
 
@@ -1034,6 +1434,7 @@ cdef class Channel:
         cdef bint full = False  # the last write was short: the socket buffer is full
         cdef lf_socket_t fd
         cdef char *p
+        self._sent_since_recv = True
         while True:
             fd = self._fd
             if fd == LF_INVALID_SOCKET:
@@ -1119,6 +1520,7 @@ cdef class Channel:
             if self._send_rest is not None:
                 self._flush_rest(deadline)
             self._reserve_batch(HEADER_SIZE + size)
+            self._sent_since_recv = True
             _store_header(<unsigned char *>self._batch_buf + self._batch_len, kind, 0, size)
             memcpy(self._batch_buf + self._batch_len + HEADER_SIZE, data, size)
             self._batch_len += HEADER_SIZE + size
@@ -1243,6 +1645,8 @@ cdef class Channel:
         cdef const char *data
         cdef object item
         self._check_writable()
+        if self._deferred_handshake is not None:
+            self._check_handshake_now()
         cdef int64_t deadline = _deadline(timeout)
         if count == 0:
             return
@@ -1337,6 +1741,8 @@ cdef class Channel:
         large: header and payload go to the kernel in one gather write.
         """
         self._check_writable()
+        if self._deferred_handshake is not None:
+            self._check_handshake_now()
         self._send_buffer(KIND_BYTES, buf, offset, size, _deadline(timeout))
 
     def send(self, obj, *, timeout=None):
@@ -1351,6 +1757,8 @@ cdef class Channel:
         the message is its dumps(obj), in band.
         """
         self._check_writable()
+        if self._deferred_handshake is not None:
+            self._check_handshake_now()
         cdef int64_t deadline = _deadline(timeout)
         if self._serializer is not None:
             self._send_buffer(KIND_PICKLE, self._serializer.dumps(obj), 0, None, deadline)
@@ -1420,38 +1828,72 @@ cdef class Channel:
             PyBuffer_Release(&view)
 
     def _recv_raw(self, Py_ssize_t max_size, *, timeout=None):
-        """Return between 1 and `max_size` received bytes, waiting for the first one."""
+        """Return between 1 and `max_size` received bytes, waiting for the first one. Never
+        takes more than `max_size` from the socket: what follows the handshake stays queued."""
         cdef Py_ssize_t n
+        cdef int err
         if self._fd == LF_INVALID_SOCKET:
             raise OSError("handle is closed")
         if max_size < 0:
             raise ValueError("max_size must not be negative")
         cdef int64_t deadline = _deadline(timeout)
-        if self._rend == self._rstart:
-            self._fill(deadline)
-        n = min(max_size, self._rend - self._rstart)
-        out = PyBytes_FromStringAndSize(self._rbuf + self._rstart, n)
-        self._rstart += n
-        return out
+        self._flush_discards()
+        self._rstart = self._rend = 0
+        if max_size == 0:
+            return b""
+        out = PyBytes_FromStringAndSize(NULL, max_size)
+        while True:
+            if self._fd == LF_INVALID_SOCKET:
+                raise OSError("handle is closed")
+            n = lf_recv(self._fd, PyBytes_AS_STRING(out), <size_t>max_size)
+            if n > 0:
+                self._count_consumed(n)
+                return out if n == max_size else out[:n]
+            if n == 0:
+                raise EOFError("the peer closed the connection")
+            err = lf_last_error()
+            if lf_error_would_block(err):
+                if self._wait(LF_POLLIN, deadline):
+                    raise TimeoutError("timed out waiting for a message")
+            elif lf_error_interrupted(err):
+                PyErr_CheckSignals()
+            else:
+                _raise_os_error(err)
 
-    # ---- handing a channel to another process (see _reduction in connection.py) ------------------
+    def _defer_handshake(self, handshake):
+        """Leave the rest of the handshake (`handshake.advance()` runs it without waiting) to
+        the channel's first use: every receive and poll() finishes it first, and a send checks
+        whether it can finish without waiting (see connection.Client)."""
+        self._deferred_handshake = handshake
 
-    def _buffered(self):
-        """The bytes received but not yet consumed, for this channel's copy in another process."""
-        if self._pending is not None:
+    # ---- handing a channel to another process (see _reduction.py) -------------------------------
+
+    def _prepare_handover(self):
+        """Before this channel's socket is duplicated into another process: refuse a channel in
+        the middle of a message, finish a deferred handshake, and treat the socket as shared
+        from now on: the other process can receive from it without this one knowing, so what
+        this channel saw queued is forgotten at every receive."""
+        if self._pending is not None or self._head_have > 0:
             raise OSError("cannot hand over a channel in the middle of receiving a large message")
         if self._send_rest is not None:
             raise OSError("cannot hand over a channel in the middle of sending a message")
-        return PyBytes_FromStringAndSize(self._rbuf + self._rstart, self._rend - self._rstart)
+        _lock(self._recv_lock, -1, "receive")
+        try:
+            self._flush_discards()
+        finally:
+            PyThread_release_lock(self._recv_lock)
+        if self._deferred_handshake is not None:
+            _lock(self._recv_lock, -1, "receive")
+            try:
+                if self._deferred_handshake is not None:
+                    self._finish_handshake(-1)
+            finally:
+                PyThread_release_lock(self._recv_lock)
+        self._shared = True
 
-    def _prefill(self, bytes data not None):
-        """Put bytes received by another copy of this channel back in front of the stream."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        if self._rend != self._rstart or n > self._rcap:
-            raise ValueError("cannot prefill a channel that holds data")
-        memcpy(self._rbuf, PyBytes_AS_STRING(data), n)
-        self._rstart = 0
-        self._rend = n
+    def _mark_shared(self):
+        """Another process may receive from this socket too (the copy rebuilt from a handover)."""
+        self._shared = True
 
 
 cdef str _os_error_text(int err):

@@ -10,19 +10,31 @@ The design is the compiled one, expressed with the standard library:
 - the socket is nonblocking, with TCP_NODELAY; every wait is a ``select.poll()`` (``select.select``
   where poll is missing, e.g. on Windows). Python retries a poll interrupted by a signal after
   running the handler (PEP 475), so Ctrl-C raises KeyboardInterrupt out of a blocked receive;
-- a bytearray receive buffer that one ``recv_into`` fills with as many frames as have arrived;
-  small frames are cut out of it, a payload larger than 64 KiB is read straight into its final
-  object (see `_new_payload` for how the result is ``bytes`` without a copy);
+- the kernel's socket queue is the only place where messages not yet received wait: a receive
+  consumes only the bytes of the messages it returns, so an end shared by several processes
+  (under their own lock) and watched by any selector behaves as a multiprocessing connection.
+  What is queued is learnt with a peek (``recv_into(..., MSG_PEEK)``) into a window, a copy of
+  the head of the queue; a frame that is all there is copied out of it into its result, then
+  consumed with a *discard* (``MSG_TRUNC`` on Linux, which does not copy). A frame not all queued
+  yet gets its result allocated first (a MemoryError leaves it in the socket), then its head is
+  consumed and its payload read straight into its final object (see `_new_payload` for how the
+  result is ``bytes`` without a copy), or into the caller's buffer for ``recv_bytes_into``. A
+  channel that is not shared keeps its window between calls (no syscall to find the next queued
+  message); one shared with another process (after fork(), or handed over) looks again at every
+  receive. Rarely, a peek shows only part of a frame's head: that part is consumed and the rest
+  read as it arrives ("head mode"). That head and a payload interrupted mid-way (below) are the
+  only bytes of the stream ever held here between calls;
 - a small frame is sent as one ``send()`` of header + payload; a large one as one
   ``sendmsg([header, payload])`` gather write that never copies the payload;
 - ``send(obj)`` pickles at protocol 5 with a ``buffer_callback``: buffers of 4 KiB and more
   (numpy arrays, ``pickle.PickleBuffer``) stay out of band and go out, each from its own memory,
   in one ``sendmsg([header + size table, pickle, buffer, ...])`` (an object message, kind 3,
-  docs/protocol.md "Objects"); ``recv()`` allocates each buffer once as a writable bytearray, reads
-  the socket straight into it and hands them all to ``pickle.loads(..., buffers=...)``;
-- a receive interrupted in the middle of a large payload or of an object message (timeout, Ctrl-C)
-  keeps what arrived, and a send interrupted after part of a frame went out keeps the unsent rest,
-  so the byte stream always stays whole.
+  docs/protocol.md "Objects"); ``recv()`` allocates each buffer once as a writable bytearray,
+  fills it (from the window, or straight from the socket) and hands them all to
+  ``pickle.loads(..., buffers=...)``;
+- a receive interrupted in the middle of a payload read from the socket (timeout, Ctrl-C) keeps
+  what arrived, and a send interrupted after part of a frame went out keeps the unsent rest, so
+  the byte stream always stays whole.
 
 tests/test_twin.py runs the same behaviours, errors and messages against both implementations.
 """
@@ -49,16 +61,24 @@ __all__ = ["Channel"]
 
 # ---- sizes: the same values as the compiled channel (see _channel.pyx for the measurements) ------
 HEADER_SIZE = FRAME_HEADER.size  # 16: kind u8, flags u8, reserved u16, count u32, length u64 (LE)
-RECV_BUFFER_SIZE = 256 * 1024    # one recv_into of this much takes in every frame that arrived
-DIRECT_READ_THRESHOLD = 64 * 1024  # larger payloads skip the receive buffer
+# The window: a copy of the head of the socket's queue, taken with a peek. It holds the largest
+# frame head (an object message's header and size table, 16 + 8 * 8192 = 65,552 bytes) with room
+# to spare.
+RECV_BUFFER_SIZE = 128 * 1024
+# How much one peek looks at. A channel that is not shared keeps what it saw between calls, so a
+# big look serves many small messages; a shared one must look again at every receive (another
+# process may have consumed since), so it looks at little: a frame header and a small payload.
+PEEK_SIZE = 64 * 1024
+PEEK_SIZE_SHARED = 4096 + HEADER_SIZE
+PENDING_IOV = 64      # a message not all queued is read with scatter reads of this many parts
+MANY_LOOKS = 4        # recv_bytes_many() looks at the queue at most this many more times a call
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
-RECV_PLENTY = 16 * 1024          # a recv after a wait that returns this much: the peer outruns us
 BATCH_FLUSH_SIZE = 64 * 1024     # inside batch(), buffered frames are written at this size
 
 # ---- object messages (docs/protocol.md, "Objects") -----------------------------------------------
 KIND_OBJECT = 3        # a pickle-5 with out-of-band buffers: size table, pickle, buffers
 # Most out-of-band buffers one object message may carry; with the header, its size table (8 bytes
-# per part) always fits in the receive buffer. A pickle with more goes in band (kind 2).
+# per part) always fits in the window. A pickle with more goes in band (kind 2).
 MAX_OOB_BUFFERS = 8191
 # Buffers smaller than this stay in the in-band pickle: out of band they would cost an allocation
 # and a table entry each, for a copy that is cheap anyway.
@@ -77,6 +97,13 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # sendmsg (gather write) is missing on Windows: there the header and payload of a large frame go
 # out with two send() calls, still without copying the payload.
 _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+# recvmsg (scatter read) is missing on Windows too: there the parts are read one at a time.
+_HAVE_RECVMSG = hasattr(socket.socket, "recvmsg_into")
+# A discard consumes bytes already known (peeked) to be queued. On Linux, recv() on a TCP socket
+# with MSG_TRUNC drops them without copying; elsewhere they are received into the window, at the
+# place where the peek put the very same bytes.
+_DISCARD_FLAGS = (socket.MSG_TRUNC if sys.platform.startswith("linux")
+                  and hasattr(socket, "MSG_TRUNC") else 0)
 
 
 def _iov_max():
@@ -232,6 +259,12 @@ def _part_view(part):
     return part.getbuffer() if isinstance(part, io.BytesIO) else memoryview(part)
 
 
+def _rest_of_part(part, filled):
+    """A writable byte view of `part` (see _part_view) from byte `filled` on; release it."""
+    with _part_view(part) as whole:
+        return whole[filled:]  # the slice keeps the buffer exported until it is released
+
+
 def _part_size(part):
     with _part_view(part) as view:
         return len(view)
@@ -342,16 +375,26 @@ _channels = weakref.WeakSet()
 def _after_fork_in_child():
     """Only the forking thread survives fork(): in the child no thread is blocked on any channel.
     Forget the parent's blocked threads, or the child's close() would shut down the socket it
-    shares with the parent (see close()) instead of closing its own descriptor."""
+    shares with the parent (see close()) instead of closing its own descriptor. And every
+    channel's socket is now shared with the parent."""
     for channel in list(_channels):
         channel._blocked = 0
+        channel._shared = True
         deferred, channel._deferred_close = channel._deferred_close, None
         if deferred is not None:
             deferred.close()
 
 
+def _after_fork_in_parent():
+    """The child may receive from every channel's socket too: what this process knows of their
+    queues can go stale."""
+    for channel in list(_channels):
+        channel._shared = True
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child,
+                        after_in_parent=_after_fork_in_parent)
 
 
 class Channel:
@@ -372,13 +415,26 @@ class Channel:
         "_max_message_size_obj",  # as given (int or None), for the property and messages
         "_serializer",       # dumps/loads for send()/recv(); None: pickle protocol 5
         "_spin",             # the spin setting, kept for API parity (this twin never spins)
-        # Receive buffer: bytes [_rstart, _rend) of _rbuf are received and not yet consumed.
+        # The kernel's queue holds every message not yet delivered. The window: bytes
+        # [_rstart, _rend) of _rbuf are a copy (a peek) of the head of that queue, nothing in it
+        # consumed.
         "_rbuf", "_rview", "_rstart", "_rend",
-        "_last_recv_was_empty",   # the previous fill found no data: wait before the next recv
-        # The message being received into its final objects (a large payload: [_new_payload];
-        # an object message: [pickle, buffer, ...] bytearrays), the index of the part being
-        # filled, the bytes of it already received, and the frame kind. While the message is
-        # incomplete (a timeout interrupted it) it stays here, so the next receive resumes it.
+        "_shared",           # another process may receive from the socket: the window is
+                             # forgotten at the start of every receive
+        "_queue_empty",      # the last look found nothing queued: wait before peeking
+        "_peek_saw_all",     # the last peek returned less than it asked: all of the queue
+        # Head mode (rare): the first _head_have bytes of a frame's head (header, size table)
+        # were consumed into _rbuf because only part of it had arrived; the rest is read as it
+        # arrives.
+        "_head_have",
+        "_last_recv_was_empty",   # a direct read came back short: wait before the next one
+        "_sent_since_recv",  # sent since the last receive (the compiled channel then spins)
+        "_deferred_handshake",  # a Handshake whose rest runs at first use, or None
+        # The message being received into its final objects, allocated before its head was
+        # consumed (a payload of kind 1 or 2: [_new_payload]; an object message: [pickle,
+        # buffer, ...] bytearrays), the index of the part being filled, the bytes of it already
+        # received, and the frame kind. While the message is incomplete (a timeout interrupted
+        # it) it stays here, so the next receive resumes it.
         "_pending", "_pending_part", "_pending_filled", "_pending_kind",
         "_send_rest",        # the unsent tail of a frame whose send was interrupted (bytes or a
                              # memoryview of them), or None
@@ -426,7 +482,13 @@ class Channel:
         self._rbuf = bytearray(RECV_BUFFER_SIZE)
         self._rview = memoryview(self._rbuf)  # slices of it are what recv_into fills
         self._rstart = self._rend = 0
+        self._shared = False
+        self._queue_empty = True
+        self._peek_saw_all = True
+        self._head_have = 0
         self._last_recv_was_empty = True
+        self._sent_since_recv = False
+        self._deferred_handshake = None
         self._pending = None
         self._pending_part = self._pending_filled = 0
         self._pending_kind = 0
@@ -531,7 +593,8 @@ class Channel:
         return self._fd
 
     def close(self):
-        """Close the channel. Messages already received but not read are discarded.
+        """Close the channel. Messages not yet received stay in the socket for any other process
+        that shares it; with no other copy of the socket, they are discarded.
 
         A thread blocked in a receive or send on this channel wakes up and raises OSError.
         """
@@ -542,7 +605,8 @@ class Channel:
             self._sock = None
             self._pending = None
             self._send_rest = None
-            self._rstart = self._rend = 0
+            self._deferred_handshake = None
+            self._rstart = self._rend = self._head_have = 0
             if self._blocked:
                 # Another thread waits in poll() on this fd. Closing it would not wake that
                 # thread (and the number could be reused under it): shut the socket down, which
@@ -627,60 +691,154 @@ class Channel:
                 return True
 
     # ---- receiving -------------------------------------------------------------------------------
+    #
+    # The kernel holds every message not yet delivered. A receive consumes from the socket only
+    # the bytes of what it returns, so that an end shared by several processes (under their own
+    # lock) and watched by any selector behaves as a multiprocessing connection does. What the
+    # channel knows of the queue it learns with a peek (MSG_PEEK) into the window
+    # _rbuf[_rstart:_rend]; a frame's bytes are consumed (_discard) only once its payload has its
+    # final home.
 
-    def _make_room(self):
-        """Before a recv into the receive buffer: start over when it is empty, or move the
-        unconsumed bytes to the front when less than a quarter is free at the end. Any frame
-        kept in the buffer is <= DIRECT_READ_THRESHOLD + HEADER_SIZE (so is the header and size
-        table of an object message), well under 3/4 of it, so afterwards there is room."""
-        if self._rstart == self._rend:
+    def _begin_receive(self, deadline):
+        """Start of every receive call (the receive lock is held): finish a deferred handshake,
+        and forget the window if another process may have consumed from the socket since."""
+        if self._deferred_handshake is not None:
+            self._finish_handshake(deadline)
+        if self._shared:
             self._rstart = self._rend = 0
-        elif self._rstart > 0 and RECV_BUFFER_SIZE - self._rend < RECV_BUFFER_SIZE // 4:
-            kept = self._rend - self._rstart
-            self._rview[:kept] = self._rview[self._rstart:self._rend]
-            self._rstart, self._rend = 0, kept
 
-    def _fill(self, deadline):
-        """Receive at least one more byte into the receive buffer."""
-        self._make_room()
+    def _finish_handshake(self, deadline):
+        """Run the rest of a deferred handshake (the peer's hello, see connection.Client), waiting
+        for its bytes up to `deadline`. A failure closes the channel and raises as the handshake
+        does (ProtocolError, AuthenticationError)."""
+        handshake = self._deferred_handshake
         while True:
+            try:
+                done = handshake.advance()
+            except BaseException:
+                self._deferred_handshake = None
+                self.close()
+                raise
+            if done:
+                self._deferred_handshake = None
+                return
+            if self._wait(_POLLIN, deadline):
+                raise TimeoutError("timed out waiting for a message")
+
+    def _advance_handshake_nowait(self):
+        """Before a send: check the peer's hello of a deferred handshake if it has arrived, without
+        waiting (a failure closes the channel and raises); if it has not, the send goes ahead.
+        Skipped while a receive holds the receive lock: that receive finishes the handshake."""
+        if self._deferred_handshake is None or not self._recv_lock.acquire(False):
+            return
+        try:
+            handshake = self._deferred_handshake
+            if handshake is None:
+                return
+            try:
+                done = handshake.advance()
+            except BaseException:
+                self._deferred_handshake = None
+                self.close()
+                raise
+            if done:
+                self._deferred_handshake = None
+        finally:
+            self._recv_lock.release()
+
+    def _peek(self, size):
+        """Copy up to `size` queued bytes to the start of the window, consuming nothing. Returns
+        how many (> 0), 0 at the end of the stream, -1 when nothing is queued."""
+        sock = self._sock
+        if sock is None:
+            raise OSError("handle is closed")
+        size = min(size, RECV_BUFFER_SIZE)
+        error = None
+        try:
+            n = sock.recv_into(self._rview, size, socket.MSG_PEEK)
+        except BlockingIOError:
+            n = -1
+        except OSError as exc:
+            error = exc
+        if error is not None or n < 0:
+            self._rstart = self._rend = 0
+            if error is None:
+                self._queue_empty = True
+                return -1
+            if self._sock is None:
+                raise OSError(_CLOSED_WHILE_WAITING)
+            raise error
+        self._rstart = 0
+        self._rend = n
+        self._peek_saw_all = n < size
+        return n
+
+    def _know(self, need, deadline):
+        """Make the first `need` queued bytes known (in the window), waiting for the first byte.
+        True when they are, False when fewer are queued (the rest of a frame is still on its
+        way). EOFError when the peer closed the connection with nothing queued."""
+        if self._rend - self._rstart >= need:
+            return True
+        size = max(need, PEEK_SIZE_SHARED if self._shared else PEEK_SIZE)
+        # The last look found the queue empty: wait first, saving a peek that would fail.
+        if (self._rend == self._rstart and self._queue_empty
+                and self._wait(_POLLIN, deadline)):
+            raise TimeoutError("timed out waiting for a message")
+        while True:
+            n = self._peek(size)
+            if n > 0:
+                self._queue_empty = False
+                return n >= need
+            if n == 0:
+                raise EOFError("the peer closed the connection")
+            if self._wait(_POLLIN, deadline):
+                raise TimeoutError("timed out waiting for a message")
+
+    def _discard(self, at, n):
+        """Consume `n` bytes known (peeked) to be queued, whose copy is _rbuf[at:at + n]: on
+        Linux without copying them (MSG_TRUNC), elsewhere by receiving them where they already
+        are. Never waits: the bytes are queued."""
+        while n > 0:
             sock = self._sock
             if sock is None:
                 raise OSError("handle is closed")
-            waited = self._last_recv_was_empty
-            # The last recv found nothing: wait first, saving a recv that would fail.
-            if waited and self._wait(_POLLIN, deadline):
-                raise TimeoutError("timed out waiting for a message")
             error = None
+            got = -1
             try:
-                n = sock.recv_into(self._rview[self._rend:])
+                with self._rview[at:at + n] as part:
+                    got = sock.recv_into(part, n, _DISCARD_FLAGS)
             except BlockingIOError:
-                self._last_recv_was_empty = True
-                continue
+                pass
             except OSError as exc:
                 error = exc
             if error is not None:
                 if self._sock is None:
                     raise OSError(_CLOSED_WHILE_WAITING)
-                if self._rend > self._rstart or self._pending is not None:
-                    raise self._protocol_error(
-                        "connection lost in the middle of a message "
-                        f"({error.strerror or error})") from error
-                raise error
-            if n > 0:
-                self._rend += n
-                # Try recv first next time only if data is plentiful (a stream that outruns us);
-                # a request/response peer leaves nothing to read, so wait first there.
-                self._last_recv_was_empty = waited and n < RECV_PLENTY
-                return
-            if self._rend > self._rstart or self._pending is not None:
                 raise self._protocol_error(
-                    "the peer closed the connection in the middle of a message")
-            raise EOFError("the peer closed the connection")
+                    f"connection lost in the middle of a message ({error.strerror or error})"
+                ) from error
+            if got > 0:
+                n -= got
+                at += got
+                continue
+            if got < 0:
+                raise self._protocol_error(
+                    "bytes this channel had seen queued were taken by someone else (another "
+                    "process receiving without a lock?)")
+            raise self._protocol_error("connection lost in the middle of a message")
 
-    def _recv_some(self, view, start, size, deadline):
-        """Receive between 1 and `size` bytes of a payload straight into view[start:] (its
-        final home). The connection ending here is always in the middle of a message."""
+    def _after_consume(self):
+        """After consuming from the window: the queue is empty if the last peek saw all of it."""
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+            self._queue_empty = self._peek_saw_all
+
+    def _recv_some(self, views, deadline):
+        """Receive between 1 and all the bytes of `views` (writable byte views, none empty: the
+        rest of a frame's parts, their final home) with one read: a scatter read where the
+        platform has one, else into the first view. The connection ending here is always in the
+        middle of a message."""
+        asked = sum(len(view) for view in views) if _HAVE_RECVMSG else len(views[0])
         while True:
             sock = self._sock
             if sock is None:
@@ -692,10 +850,10 @@ class Channel:
             error = None
             n = -1
             try:
-                # A slice view, released at once: a view left alive (say, in a traceback) would
-                # keep the caller's buffer exported and force _new_payload's result to be copied.
-                with view[start:start + size] as part:
-                    n = sock.recv_into(part)
+                if len(views) == 1 or not _HAVE_RECVMSG:
+                    n = sock.recv_into(views[0])
+                else:
+                    n = sock.recvmsg_into(views)[0]
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -707,21 +865,21 @@ class Channel:
                     f"connection lost in the middle of a message ({error.strerror or error})"
                 ) from error
             if n > 0:
-                self._last_recv_was_empty = n < size
+                self._last_recv_was_empty = n < asked
                 return n
             if n == 0:
                 raise self._protocol_error(
                     "the peer closed the connection in the middle of a message")
             self._last_recv_was_empty = True
 
-    def _header_error(self):
-        """Check the frame header at the start of the buffered bytes (there must be at least
-        HEADER_SIZE): None if it is valid, else what is wrong with it. No side effects."""
-        kind, flags, reserved, count, length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)
+    def _header_error(self, at):
+        """Check the frame header at _rbuf[at:at + HEADER_SIZE]: None if it is valid, else what
+        is wrong with it. No side effects."""
+        kind, flags, reserved, count, length = FRAME_HEADER.unpack_from(self._rbuf, at)
         # `count` is the number of out-of-band buffers: not 0 exactly for an object message.
         if (kind not in (KIND_BYTES, KIND_PICKLE, KIND_OBJECT) or flags or reserved
                 or (count != 0) != (kind == KIND_OBJECT)):
-            header = bytes(self._rview[self._rstart:self._rstart + HEADER_SIZE])
+            header = bytes(self._rview[at:at + HEADER_SIZE])
             return ("malformed frame header " + header.hex()
                     + " (is the peer a loopfast channel of the same protocol version?)")
         if kind == KIND_OBJECT and (count > MAX_OOB_BUFFERS or length < 8 * (count + 1)):
@@ -734,15 +892,117 @@ class Channel:
             return f"the peer announced a {length}-byte message, too large for this machine"
         return None
 
-    def _read_header(self):
-        """Return (kind, count, length) of the (whole, buffered) frame header at _rstart. A bad
-        header closes the channel and raises ProtocolError, before anything is allocated for the
-        payload. Consumes nothing."""
-        error = self._header_error()
-        if error is not None:
-            raise self._protocol_error(error)
-        kind, _, _, count, length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)
-        return kind, count, length
+    def _head_size(self, at):
+        """The size of the (valid) frame head at _rbuf[at:]: its header, and for an object
+        message its size table."""
+        kind, _, _, count, _ = FRAME_HEADER.unpack_from(self._rbuf, at)
+        return HEADER_SIZE + 8 * (count + 1) if kind == KIND_OBJECT else HEADER_SIZE
+
+    def _check_table(self, at):
+        """An object frame's size table (after the header at _rbuf[at:]) must add up to its
+        length; otherwise the channel closes (ProtocolError), before anything is allocated."""
+        _, _, _, count, length = FRAME_HEADER.unpack_from(self._rbuf, at)
+        sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, at + HEADER_SIZE)
+        # Python integers do not wrap around: sizes whose u64 sum would overflow do not add up.
+        if 8 * (count + 1) + sum(sizes) != length:
+            raise self._protocol_error(
+                f"malformed object frame: the sizes of its {count + 1} parts do not add up to "
+                f"its length of {length} bytes")
+
+    def _next_head(self, deadline, objects):
+        """Wait for the next frame's head (its header and, for an object message, its size
+        table), check it (a bad one closes the channel: ProtocolError, before anything is
+        allocated; an object message when not `objects`: OSError from the header alone, the
+        message left in place) and return False when it is in the window at _rstart, not
+        consumed (the usual case), or True when it was consumed into _rbuf[0:_head_have] because
+        it arrived in pieces (a consumed head stays there until its payload has been
+        allocated)."""
+        while True:
+            if self._head_have > 0:
+                self._read_head(HEADER_SIZE, deadline)
+                error = self._header_error(0)
+                if error is not None:
+                    raise self._protocol_error(error)
+                if self._rbuf[0] == KIND_OBJECT and not objects:
+                    self._refuse_object()
+                self._read_head(self._head_size(0), deadline)
+                if self._rbuf[0] == KIND_OBJECT:
+                    self._check_table(0)
+                return True
+            if self._know(HEADER_SIZE, deadline):
+                error = self._header_error(self._rstart)
+                if error is not None:
+                    raise self._protocol_error(error)
+                if self._rbuf[self._rstart] == KIND_OBJECT and not objects:
+                    self._refuse_object()
+                if self._know(self._head_size(self._rstart), deadline):  # a peek moves _rstart
+                    if self._rbuf[self._rstart] == KIND_OBJECT:
+                        self._check_table(self._rstart)
+                    return False
+            # Only part of the head is queued: take it, and read the rest as it arrives.
+            have = self._rend - self._rstart
+            if self._rstart:
+                self._rview[:have] = self._rview[self._rstart:self._rend]
+            self._rstart = self._rend = 0
+            self._discard(0, have)
+            self._head_have = have
+            self._last_recv_was_empty = True
+
+    def _read_head(self, size, deadline):
+        """Head mode: receive the head into _rbuf, exactly up to `size` bytes."""
+        while self._head_have < size:
+            with self._rview[self._head_have:size] as view:
+                self._head_have += self._recv_some([view], deadline)
+
+    def _object_parts(self, at):
+        """Allocate the parts of the object message whose (checked) head is at _rbuf[at:], at
+        their final sizes: the in-band pickle and each out-of-band buffer, as writable
+        bytearrays."""
+        count = FRAME_HEADER.unpack_from(self._rbuf, at)[3]
+        sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, at + HEADER_SIZE)
+        return [bytearray(size) for size in sizes]
+
+    def _take_frame(self, deadline, consumed):
+        """Receive the frame whose head _next_head() returned: its payload as bytes (kinds 1 and
+        2) or the list [pickle, buffer, ...] (an object message), each allocated once at its
+        final size *before* anything more is consumed, so that a MemoryError leaves the message
+        where it was (in the socket, or its head in head mode). A frame that is all in the
+        window is copied out and then consumed; a longer one is read straight from the socket
+        into its parts (self._pending while it is incomplete)."""
+        at = 0 if consumed else self._rstart
+        kind, _, _, _, length = FRAME_HEADER.unpack_from(self._rbuf, at)
+        if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
+            if kind == KIND_OBJECT:
+                out = self._object_parts(at)
+                pos = at + self._head_size(at)
+                for part in out:
+                    part[:] = self._rview[pos:pos + len(part)]
+                    pos += len(part)
+            else:
+                out = bytes(self._rview[at + HEADER_SIZE:at + HEADER_SIZE + length])
+            self._discard(at, HEADER_SIZE + length)
+            self._rstart += HEADER_SIZE + length
+            self._after_consume()
+            return out
+        if kind == KIND_OBJECT:
+            parts = self._object_parts(at)
+        else:
+            # (An empty payload is always all in the window, unless its header came in pieces.)
+            parts = [_new_payload(length) if length else b""]
+        self._consume_head(consumed)
+        self._start_pending(parts, kind)
+        parts = self._finish_pending(deadline)
+        return parts if kind == KIND_OBJECT else parts[0]
+
+    def _consume_head(self, consumed):
+        """The payload has a home: consume the head (if still queued) and forget the window,
+        which the payload's direct reads make stale."""
+        if consumed:
+            self._head_have = 0
+        else:
+            self._discard(self._rstart, self._head_size(self._rstart))
+        self._rstart = self._rend = 0
+        self._last_recv_was_empty = False  # the payload is probably queued already
 
     def _start_pending(self, parts, kind):
         """Make `parts` (buffers allocated at their final sizes) the message being received."""
@@ -752,96 +1012,44 @@ class Channel:
         self._pending_kind = kind
 
     def _finish_pending(self, deadline):
-        """Fill the parts of the message being received (self._pending) and return them: a
-        large payload of kind 1 or 2 as [its bytes], an object message as [pickle, buffer, ...].
-        Small parts are copied out of the receive buffer, large ones read straight from the
-        socket into their final memory. An exception (timeout, Ctrl-C) leaves the progress
-        recorded, so the next receive resumes the message."""
+        """Fill the parts of the message being received (self._pending) straight from the
+        socket, many parts per scatter read, and return them: a payload of kind 1 or 2 as [its
+        bytes], an object message as [pickle, buffer, ...]. An exception (timeout, Ctrl-C) leaves
+        the progress recorded, so the next receive resumes the message."""
         parts = self._pending
-        while self._pending_part < len(parts):
-            with _part_view(parts[self._pending_part]) as view:
-                size = len(view)
-                while self._pending_filled < size:
-                    filled = self._pending_filled
-                    wanted = size - filled
-                    avail = self._rend - self._rstart
-                    if avail > 0:
-                        n = min(wanted, avail)
-                        view[filled:filled + n] = self._rview[self._rstart:self._rstart + n]
-                        self._rstart += n
-                    elif wanted < DIRECT_READ_THRESHOLD:
-                        self._fill(deadline)  # one recv for this and the following small parts
-                        continue
-                    else:
-                        n = self._recv_some(view, filled, wanted, deadline)
-                    self._pending_filled = filled + n
-            self._pending_part += 1
-            self._pending_filled = 0
-        self._pending = None
-        # The payload of _new_payload becomes bytes without a copy (its view is released).
-        return [part.getvalue() if isinstance(part, io.BytesIO) else part for part in parts]
-
-    def _object_parts(self, length, count):
-        """Check an object frame's size table (buffered, right after the header) and allocate
-        its parts: the in-band pickle and each out-of-band buffer, as writable bytearrays of
-        their final sizes. Consumes header and table. Nothing is allocated for a bad table."""
-        sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, self._rstart + HEADER_SIZE)
-        # Python integers do not wrap around: sizes whose u64 sum would overflow do not add up.
-        if 8 * (count + 1) + sum(sizes) != length:
-            raise self._protocol_error(
-                f"malformed object frame: the sizes of its {count + 1} parts do not add up to "
-                f"its length of {length} bytes")
-        self._rstart += HEADER_SIZE + 8 * (count + 1)
-        return [bytearray(size) for size in sizes]
-
-    def _recv_frame(self, deadline, maxlength):
-        """Receive one whole message; return (kind, payload): for kinds 1 and 2 the payload as
-        bytes (a large one allocated once, at its final size), for an object message the list
-        [pickle, buffer, ...]. maxlength None: no limit."""
-        if self._pending is not None:
-            kind = self._pending_kind
-            if kind == KIND_OBJECT:
-                return kind, self._finish_pending(deadline)
-            if maxlength is not None and _part_size(self._pending[0]) > maxlength:
-                self._bad_message_length()
-            return kind, self._finish_pending(deadline)[0]
         while True:
-            avail = self._rend - self._rstart
-            if avail >= HEADER_SIZE:
-                kind, count, length = self._read_header()
-                if kind == KIND_OBJECT:
-                    if avail >= HEADER_SIZE + 8 * (count + 1):  # the size table is in too
-                        self._start_pending(self._object_parts(length, count), kind)
-                        return kind, self._finish_pending(deadline)
+            views = []
+            try:
+                i = self._pending_part
+                while i < len(parts) and len(views) < PENDING_IOV:
+                    view = _rest_of_part(parts[i], self._pending_filled
+                                         if i == self._pending_part else 0)
+                    if len(view):
+                        views.append(view)
+                    else:
+                        view.release()
+                        if not views:  # an empty part, or one just filled
+                            self._pending_part += 1
+                            self._pending_filled = 0
+                    i += 1
+                if not views:
+                    break
+                n = self._recv_some(views, deadline)
+            finally:
+                _release_all(views)
+            # Record the progress: whole parts filled, then bytes of the next one.
+            while n > 0:
+                left = _part_size(parts[self._pending_part]) - self._pending_filled
+                if n >= left:
+                    n -= left
+                    self._pending_part += 1
+                    self._pending_filled = 0
                 else:
-                    if maxlength is not None and length > maxlength:
-                        self._bad_message_length()
-                    start = self._rstart + HEADER_SIZE
-                    if length <= avail - HEADER_SIZE:
-                        out = bytes(self._rview[start:start + length])
-                        self._rstart = start + length
-                        return kind, out
-                    if length > DIRECT_READ_THRESHOLD:
-                        self._rstart = start
-                        self._start_pending([_new_payload(length)], kind)
-                        return kind, self._finish_pending(deadline)[0]
-            self._fill(deadline)
-
-    def _recv_bytes_frame(self, deadline, maxlength):
-        """The next message's payload as bytes (the receive lock is held). An object message is
-        refused: its out-of-band buffers have no place in a bytes result."""
-        if self._next_is_object(deadline):
-            self._refuse_object()
-        return self._recv_frame(deadline, maxlength)[1]
-
-    def _next_is_object(self, deadline):
-        """Wait for the next message's header; True if it is an object message (which only
-        recv() can take: its out-of-band buffers have no place in a bytes result)."""
-        if self._pending is not None:
-            return self._pending_kind == KIND_OBJECT
-        while self._rend - self._rstart < HEADER_SIZE:
-            self._fill(deadline)
-        return self._read_header()[0] == KIND_OBJECT
+                    self._pending_filled += n
+                    n = 0
+        self._pending = None
+        # The payload of _new_payload becomes bytes without a copy (its views are released).
+        return [part.getvalue() if isinstance(part, io.BytesIO) else part for part in parts]
 
     @staticmethod
     def _refuse_object():
@@ -850,7 +1058,7 @@ class Channel:
                       "receive it with recv()")
 
     def _bad_message_length(self):
-        # As multiprocessing does: the stream is left mid-message, so reading is over.
+        # As multiprocessing does: reading is over on this channel (the message is left unread).
         if self._writable:
             self._readable = False
         else:
@@ -865,6 +1073,7 @@ class Channel:
         connection between messages, ProtocolError if it vanished in the middle of one, and
         OSError (and the channel stops reading) if the message is longer than `maxlength`.
         An object message with out-of-band buffers raises OSError and is left for recv().
+        A MemoryError leaves the message in the socket, for the next receive.
         """
         self._check_readable()  # first, as multiprocessing does
         if maxlength is not None:
@@ -873,13 +1082,32 @@ class Channel:
             maxlength = _ssize(maxlength)
         deadline = _deadline(timeout)
         with _take(self._recv_lock, deadline, "receive"):
-            return self._recv_bytes_frame(deadline, maxlength)
+            self._begin_receive(deadline)
+            out = self._recv_bytes_frame(deadline, maxlength)
+            self._sent_since_recv = False
+            return out
+
+    def _recv_bytes_frame(self, deadline, maxlength):
+        """The next message's payload as bytes (the receive lock is held). An object message is
+        refused, and left in place: its out-of-band buffers have no place in a bytes result."""
+        if self._pending is not None:
+            if self._pending_kind == KIND_OBJECT:
+                self._refuse_object()
+            if maxlength is not None and _part_size(self._pending[0]) > maxlength:
+                self._bad_message_length()
+            return self._finish_pending(deadline)[0]
+        consumed = self._next_head(deadline, False)
+        at = 0 if consumed else self._rstart
+        if maxlength is not None and FRAME_HEADER.unpack_from(self._rbuf, at)[4] > maxlength:
+            self._bad_message_length()
+        return self._take_frame(deadline, consumed)
 
     def recv_bytes_many(self, max_messages=None, *, timeout=None):
         """Wait for the next message (up to `timeout`), then return it with every further whole
-        message already received, up to `max_messages`, as a list of bytes. The further ones
-        come out of the receive buffer without a syscall each; one more nonblocking recv() is
-        made when the buffer runs dry. At least one message is returned, or an exception raised.
+        message already queued, up to `max_messages`, as a list of bytes. Only whole messages
+        are taken (the rest stay queued), with two syscalls for the lot: a look at what is queued
+        and one receive of exactly those messages. At least one message is returned, or an
+        exception raised; a MemoryError part-way returns the messages taken so far.
         """
         self._check_readable()
         limit = None
@@ -889,45 +1117,64 @@ class Channel:
                 raise ValueError("max_messages must be >= 1 or None")
         deadline = _deadline(timeout)
         with _take(self._recv_lock, deadline, "receive"):
+            self._begin_receive(deadline)
             out = [self._recv_bytes_frame(deadline, None)]
+            self._sent_since_recv = False
+            short_of_memory = False
+            looks = 0
             while limit is None or len(out) < limit:
-                avail = self._rend - self._rstart
-                if avail >= HEADER_SIZE:
-                    if (self._header_error() is not None
-                            or self._rbuf[self._rstart] == KIND_OBJECT):
+                # Every whole plain frame in the window, up to the limit.
+                pos = self._rstart
+                while (limit is None or len(out) < limit) and self._rend - pos >= HEADER_SIZE:
+                    if self._rbuf[pos] == KIND_OBJECT or self._header_error(pos) is not None:
                         break  # an object message or a bad header: the next call takes it
-                    length = FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4]
-                    if length <= avail - HEADER_SIZE:
-                        start = self._rstart + HEADER_SIZE
-                        out.append(bytes(self._rview[start:start + length]))
-                        self._rstart = start + length
-                        continue
-                    if length > DIRECT_READ_THRESHOLD:
-                        break  # a large payload: the next call reads it into its own object
-                # A partial frame (or none): one nonblocking recv() for more, then stop.
-                if not self._fill_nowait():
+                    length = FRAME_HEADER.unpack_from(self._rbuf, pos)[4]
+                    if length > self._rend - pos - HEADER_SIZE:
+                        break  # not all queued yet
+                    try:
+                        out.append(bytes(self._rview[pos + HEADER_SIZE:pos + HEADER_SIZE
+                                                     + length]))
+                    except MemoryError:
+                        short_of_memory = True
+                        break
+                    pos += HEADER_SIZE + length
+                took = pos - self._rstart
+                if took > 0:
+                    self._discard(self._rstart, took)  # one receive for all the frames taken
+                    self._rstart = pos
+                    self._after_consume()
+                if (short_of_memory or (limit is not None and len(out) >= limit)
+                        or looks >= MANY_LOOKS or (looks > 0 and took == 0)):
+                    break
+                # One more nonblocking look at the queue; stop when it shows nothing new. End of
+                # stream and errors are left for the next receive to report: the messages taken
+                # are consumed, they must be returned.
+                looks += 1
+                try:
+                    if self._peek(PEEK_SIZE) <= 0:
+                        break
+                except OSError:
                     break
             return out
 
-    def _fill_nowait(self):
-        """One nonblocking recv() into the receive buffer: True if it brought data. End of
-        stream and errors are left for the next receive to report."""
-        self._make_room()
-        if self._rend == RECV_BUFFER_SIZE or self._sock is None:
-            return False
-        try:
-            n = self._sock.recv_into(self._rview[self._rend:])
-        except OSError:
-            return False
-        self._rend += n
-        return n > 0
-
     def recv(self, *, timeout=None):
-        """Receive one object sent with send() (unpickled: only talk to peers you trust)."""
+        """Receive one object sent with send() (unpickled: only talk to peers you trust).
+
+        A MemoryError leaves the message in the socket, for the next receive."""
         self._check_readable()
         deadline = _deadline(timeout)
         with _take(self._recv_lock, deadline, "receive"):
-            kind, payload = self._recv_frame(deadline, None)
+            self._begin_receive(deadline)
+            if self._pending is not None:
+                kind = self._pending_kind
+                payload = self._finish_pending(deadline)
+                if kind != KIND_OBJECT:
+                    payload = payload[0]
+            else:
+                consumed = self._next_head(deadline, True)
+                kind = self._rbuf[0 if consumed else self._rstart]
+                payload = self._take_frame(deadline, consumed)
+            self._sent_since_recv = False
         if kind == KIND_OBJECT:
             # The out-of-band buffers are writable bytearrays: a numpy array unpickled on one
             # of them is writable (unless the sender's was read-only: pickle keeps that flag).
@@ -940,8 +1187,10 @@ class Channel:
         """Receive one message into the writable buffer `buf`, starting `offset` bytes in, and
         return its size in bytes. A large payload is read from the socket straight into `buf`.
 
-        If the message does not fit, raises BufferTooShort with the whole message as args[0].
+        If the message does not fit, it is received whole and raises BufferTooShort with the
+        message as args[0] (as multiprocessing does); the next receive gets the next message.
         An object message with out-of-band buffers raises OSError and is left for recv().
+        A MemoryError leaves the message in the socket.
         """
         offset = _ssize(offset)
         self._check_readable()
@@ -953,41 +1202,44 @@ class Channel:
                 raise ValueError("offset too large")
             deadline = _deadline(timeout)
             with _take(self._recv_lock, deadline, "receive"):
+                self._begin_receive(deadline)
                 return self._recv_into(dst, offset, deadline)
         finally:
             dst.release()
 
     def _recv_into(self, dst, offset, deadline):
-        if self._next_is_object(deadline):
-            self._refuse_object()
         space = len(dst) - offset
         if self._pending is not None:
-            payload = self._recv_frame(deadline, None)[1]
+            payload = self._recv_bytes_frame(deadline, None)
+            self._sent_since_recv = False
             if len(payload) > space:
                 raise BufferTooShort(payload)
             dst[offset:offset + len(payload)] = payload
             return len(payload)
-        while True:
-            avail = self._rend - self._rstart
-            if avail >= HEADER_SIZE:
-                kind, _, length = self._read_header()
-                if length > space:
-                    raise BufferTooShort(self._recv_frame(deadline, None)[1])
-                start = self._rstart + HEADER_SIZE
-                if length <= avail - HEADER_SIZE:
-                    dst[offset:offset + length] = self._rview[start:start + length]
-                    self._rstart = start + length
-                    return length
-                if length > DIRECT_READ_THRESHOLD:
-                    break
-            self._fill(deadline)
-        # A large payload: straight from the socket into the caller's buffer.
-        filled = avail - HEADER_SIZE
-        dst[offset:offset + filled] = self._rview[start:self._rend]
-        self._rstart = self._rend = 0
+        consumed = self._next_head(deadline, False)
+        at = 0 if consumed else self._rstart
+        kind, _, _, _, length = FRAME_HEADER.unpack_from(self._rbuf, at)
+        if length > space:
+            payload = self._take_frame(deadline, consumed)
+            self._sent_since_recv = False
+            raise BufferTooShort(payload)
+        if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
+            start = self._rstart + HEADER_SIZE
+            dst[offset:offset + length] = self._rview[start:start + length]
+            self._discard(self._rstart, HEADER_SIZE + length)
+            self._rstart = start + length
+            self._after_consume()
+            self._sent_since_recv = False
+            return length
+        # Not all queued yet: straight from the socket into the caller's buffer.
+        self._consume_head(consumed)
+        filled = 0
         try:
             while filled < length:
-                filled += self._recv_some(dst, offset + filled, length - filled, deadline)
+                # A slice view, released at once: one left alive (say, in a traceback) would keep
+                # the caller's buffer exported.
+                with dst[offset + filled:offset + length] as view:
+                    filled += self._recv_some([view], deadline)
         except BaseException:
             if self._sock is not None:
                 # Interrupted (timeout, Ctrl-C): keep what arrived so that the next receive
@@ -998,28 +1250,46 @@ class Channel:
                 self._start_pending([payload], kind)
                 self._pending_filled = filled
             raise
+        self._sent_since_recv = False
         return length
 
     def poll(self, timeout=0.0):
         """Return whether there is data to read, waiting up to `timeout` seconds (None: no limit).
 
-        Never reads from the socket, so it never consumes or splits a message.
+        Never consumes a message: it looks at the socket as any selector would.
         """
         self._check_readable()
-        if self._rend > self._rstart or self._pending is not None:
+        deadline = _deadline(timeout)
+        if self._deferred_handshake is not None:
+            with _take(self._recv_lock, deadline, "receive"):
+                try:
+                    if self._deferred_handshake is not None:
+                        self._finish_handshake(deadline)
+                except TimeoutError:
+                    return False
+        # A message in progress, and (unless another process may have received since) the bytes
+        # the window saw, are there to read.
+        if (self._pending is not None or self._head_have > 0
+                or (not self._shared and self._rend > self._rstart)):
             return True
-        return not self._wait(_POLLIN, _deadline(timeout))
+        return not self._wait(_POLLIN, deadline)
 
     def _spin_time(self):
         """Seconds this channel has spent busy-polling: always 0 (the twin never spins)."""
         return 0.0
 
+    def _awaits_reply(self):
+        """True if this channel sent since its last receive (the compiled channel's waits for
+        data busy-poll then; the twin only keeps the flag, for loopfast.wait)."""
+        return self._sent_since_recv
+
     def _has_message(self):
-        """True if a whole message is already in the receive buffer (no syscall)."""
+        """True if a whole message (or a malformed header) is known to be queued (no syscall)."""
         avail = self._rend - self._rstart
-        if self._sock is None or avail < HEADER_SIZE or self._pending is not None:
+        if (self._sock is None or self._shared or avail < HEADER_SIZE
+                or self._pending is not None or self._head_have > 0):
             return False
-        if self._header_error() is not None:
+        if self._header_error(self._rstart) is not None:
             return True  # ready: the receive will raise the ProtocolError
         return FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4] <= avail - HEADER_SIZE
 
@@ -1046,6 +1316,7 @@ class Channel:
         total = sum(len(part) for part in parts)
         sent = 0
         full = False  # the last write was short: the socket buffer is full
+        self._sent_since_recv = True
         try:
             while True:
                 sock = self._sock
@@ -1107,6 +1378,7 @@ class Channel:
             # Inside batch(): held back in the batch buffer, written when full or at the end.
             if self._send_rest is not None:
                 self._flush_rest(deadline)
+            self._sent_since_recv = True
             self._batch += header
             self._batch += payload
             if len(self._batch) >= BATCH_FLUSH_SIZE:
@@ -1203,6 +1475,7 @@ class Channel:
                     parts.append(view)
             if block:
                 parts.append(bytes(block))
+            self._advance_handshake_nowait()
             with _take(self._send_lock, deadline, "send"):
                 self._flush_pending_sends(deadline)
                 self._send_all(parts, deadline)
@@ -1224,6 +1497,7 @@ class Channel:
                     raise ValueError("size is negative")
                 if offset + size > len(view):
                     raise ValueError("buffer length < offset + size")
+            self._advance_handshake_nowait()
             with view[offset:offset + size] as payload, _take(self._send_lock, deadline, "send"):
                 self._send_frame(kind, payload, deadline)
         finally:
@@ -1279,6 +1553,7 @@ class Channel:
         length = 8 * (count + 1) + sum(sizes)
         head = (FRAME_HEADER.pack(KIND_OBJECT, 0, 0, count, length)
                 + struct.pack(f"<{count + 1}Q", *sizes))
+        self._advance_handshake_nowait()
         with _take(self._send_lock, deadline, "send"):
             self._flush_pending_sends(deadline)
             self._send_all([head, data, *buffers], deadline)
@@ -1297,39 +1572,62 @@ class Channel:
             view.release()
 
     def _recv_raw(self, max_size, *, timeout=None):
-        """Return between 1 and `max_size` received bytes, waiting for the first one."""
+        """Return between 1 and `max_size` received bytes, waiting for the first one. Never
+        takes more than `max_size` from the socket: what follows the handshake stays queued."""
         max_size = _ssize(max_size)
         if self._sock is None:
             raise OSError("handle is closed")
-        deadline = _deadline(timeout)
-        if self._rend == self._rstart:
-            self._fill(deadline)
-        n = min(max_size, self._rend - self._rstart)
-        if n < 0:
+        if max_size < 0:
             raise ValueError("max_size must not be negative")
-        out = bytes(self._rview[self._rstart:self._rstart + n])
-        self._rstart += n
-        return out
+        deadline = _deadline(timeout)
+        self._rstart = self._rend = 0
+        if max_size == 0:
+            return b""
+        while True:
+            sock = self._sock
+            if sock is None:
+                raise OSError("handle is closed")
+            error = None
+            data = None
+            try:
+                data = sock.recv(max_size)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                error = exc
+            if error is not None:
+                if self._sock is None:
+                    raise OSError(_CLOSED_WHILE_WAITING)
+                raise error
+            if data:
+                return data
+            if data is not None:
+                raise EOFError("the peer closed the connection")
+            if self._wait(_POLLIN, deadline):
+                raise TimeoutError("timed out waiting for a message")
+
+    def _defer_handshake(self, handshake):
+        """Leave the rest of the handshake (`handshake.advance()` runs it without waiting) to
+        the channel's first use: every receive and poll() finishes it first, and a send checks
+        whether it can finish without waiting (see connection.Client)."""
+        self._deferred_handshake = handshake
 
     # ---- handing a channel to another process (see _reduction.py) --------------------------------
 
-    def _buffered(self):
-        """The bytes received but not yet consumed, for a copy of this channel in another
-        process."""
-        if self._pending is not None:
+    def _prepare_handover(self):
+        """Before this channel's socket is duplicated into another process: refuse a channel in
+        the middle of a message, finish a deferred handshake, and treat the socket as shared
+        from now on (what this channel knows of the queue can go stale)."""
+        if self._pending is not None or self._head_have > 0:
             raise OSError("cannot hand over a channel in the middle of receiving a large message")
         if self._send_rest is not None:
             raise OSError("cannot hand over a channel in the middle of sending a message")
-        return bytes(self._rview[self._rstart:self._rend])
+        if self._deferred_handshake is not None:
+            with _take(self._recv_lock, -1, "receive"):
+                if self._deferred_handshake is not None:
+                    self._finish_handshake(-1)
+        self._shared = True
 
-    def _prefill(self, data):
-        """Put bytes received by another copy of this channel back in front of the stream."""
-        if type(data) is not bytes:
-            raise TypeError(
-                f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})")
-        n = len(data)
-        if self._rend != self._rstart or n > RECV_BUFFER_SIZE:
-            raise ValueError("cannot prefill a channel that holds data")
-        self._rview[:n] = data
-        self._rstart = 0
-        self._rend = n
+    def _mark_shared(self):
+        """Another process may receive from this socket too (the copy rebuilt from a handover)."""
+        self._shared = True

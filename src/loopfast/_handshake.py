@@ -1,8 +1,8 @@
 """The opening exchange of every connection: versioned hello, then optional mutual HMAC proof.
 
 Both sides send first and read second, so neither waits for the other (docs/protocol.md,
-"Handshake"). No frame is parsed before this finishes: bytes the peer sent after its handshake
-stay in the channel's receive buffer for the frame parser.
+"Handshake"). No frame is parsed before this finishes: the handshake reads exactly its own bytes, and what the
+peer sent after it stays in the socket for the frame parser.
 """
 
 import hashlib
@@ -130,6 +130,16 @@ class Handshake:
         expected = self._proof(label, self.peer_hello, self.hello)
         if not hmac.compare_digest(received, expected):
             raise AuthenticationError("digest received was wrong")
+
+    def start_deferred(self) -> None:
+        """Send this side's hello now and leave the rest to `advance()`, run at the channel's
+        first use (connection.Client without an authkey, as multiprocessing's Client returns
+        once connected). Only a side without an authkey can do this: a proof needs the peer's
+        hello first."""
+        assert self.authkey is None
+        self.send_hello()
+        self._steps = [self.read_hello]
+        self._blocking = False
 
     def advance(self) -> bool:
         """Run the steps as far as the bytes received so far allow, without waiting for more:

@@ -1,8 +1,8 @@
 /* _platform.h: every difference between POSIX and Windows sockets, behind neutral names.
  *
- * The Cython core (_core.pyx) uses only the lf_* names below and never says #ifdef itself.
+ * The Cython core (_channel.pyx) uses only the lf_* names below and never says #ifdef itself.
  * Both branches are compiled by checks: the POSIX one by every build, the Windows one by
- * `.ci/run` with x86_64-w64-mingw32-gcc (see tools/check_windows_header.c).
+ * `.ci/run` with x86_64-w64-mingw32-gcc (see tools/windows/check.sh).
  */
 #ifndef LOOPFAST_PLATFORM_H
 #define LOOPFAST_PLATFORM_H
@@ -52,6 +52,38 @@ static inline Py_ssize_t lf_recv(lf_socket_t s, char *buf, size_t len) {
     return n == SOCKET_ERROR ? -1 : (Py_ssize_t)n;
 }
 
+/* Copy queued bytes without consuming them (the channel's knowledge of what is queued). */
+static inline Py_ssize_t lf_peek(lf_socket_t s, char *buf, size_t len) {
+    if (len > LF_IO_CHUNK_MAX) len = LF_IO_CHUNK_MAX;
+    int n = recv(s, buf, (int)len, MSG_PEEK);
+    return n == SOCKET_ERROR ? -1 : (Py_ssize_t)n;
+}
+
+/* Consume `len` bytes already known (peeked) to be queued. Winsock has no discarding receive:
+ * they are received into `buf`, which holds the same bytes already. */
+static inline Py_ssize_t lf_discard(lf_socket_t s, char *buf, size_t len) {
+    return lf_recv(s, buf, len);
+}
+
+/* Scatter read into several buffers: one WSARecv. */
+static inline Py_ssize_t lf_recvv(lf_socket_t s, const lf_iovec *iov, int count) {
+    WSABUF bufs[LF_IOV_MAX];
+    DWORD received = 0, flags = 0;
+    size_t total = 0;
+    int i;
+    if (count > LF_IOV_MAX) count = LF_IOV_MAX;
+    for (i = 0; i < count; i++) {
+        size_t len = iov[i].len;
+        if (len > LF_IO_CHUNK_MAX - total) len = LF_IO_CHUNK_MAX - total;
+        bufs[i].buf = (char *)iov[i].base;
+        bufs[i].len = (ULONG)len;
+        total += len;
+        if (total >= LF_IO_CHUNK_MAX) { i++; break; }
+    }
+    if (WSARecv(s, bufs, (DWORD)i, &received, &flags, NULL, NULL) == SOCKET_ERROR) return -1;
+    return (Py_ssize_t)received;
+}
+
 /* Gather write: WSABUF is {ULONG len; char *buf}, the reverse of struct iovec. */
 static inline Py_ssize_t lf_sendv(lf_socket_t s, const lf_iovec *iov, int count) {
     WSABUF bufs[LF_IOV_MAX];
@@ -91,6 +123,9 @@ static inline int lf_set_nonblocking(lf_socket_t s) {
 static inline int lf_close(lf_socket_t s) { return closesocket(s) == SOCKET_ERROR ? -1 : 0; }
 /* Let another runnable thread on this CPU go first (used between busy-poll checks). */
 static inline void lf_yield(void) { SwitchToThread(); }
+/* A short sleep off every wait queue. Windows sleeps in whole timer ticks (1-15 ms), far too
+ * long: a yield instead. */
+static inline void lf_nap(int64_t ns) { (void)ns; SwitchToThread(); }
 static inline int lf_set_nodelay(lf_socket_t s) {
     BOOL on = TRUE;
     return setsockopt(s, IPPROTO_TCP, TCP_NODELAY, (const char *)&on, sizeof(on)) == SOCKET_ERROR ? -1 : 0;
@@ -106,6 +141,17 @@ static inline int64_t lf_monotonic_ns(void) {
     return (int64_t)((double)now.QuadPart * 1e9 / (double)freq.QuadPart);
 }
 
+/* Two counters shared with the processes this one forks: Windows has no fork(), so there are
+ * none (a channel handed to another process is marked shared instead). */
+static inline uint64_t *lf_shared_ledger_new(void) { return NULL; }
+static inline void lf_shared_ledger_free(uint64_t *p) { (void)p; }
+static inline uint64_t lf_counter_load(uint64_t *p) {
+    return (uint64_t)InterlockedCompareExchange64((volatile LONG64 *)p, 0, 0);
+}
+static inline uint64_t lf_counter_add(uint64_t *p, uint64_t n) {
+    return (uint64_t)InterlockedExchangeAdd64((volatile LONG64 *)p, (LONG64)n) + n;
+}
+
 /* Sets the matching OSError subclass (ConnectionResetError, ...) for a Winsock error code. */
 static inline void lf_set_os_error(int err) { PyErr_SetExcFromWindowsErr(PyExc_OSError, err); }
 
@@ -118,6 +164,7 @@ static inline void lf_set_os_error(int err) { PyErr_SetExcFromWindowsErr(PyExc_O
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -160,6 +207,45 @@ static inline Py_ssize_t lf_send(lf_socket_t s, const char *buf, size_t len) {
 static inline Py_ssize_t lf_recv(lf_socket_t s, char *buf, size_t len) {
     if (len > LF_IO_CHUNK_MAX) len = LF_IO_CHUNK_MAX;
     return (Py_ssize_t)recv(s, buf, len, 0);
+}
+
+/* Copy queued bytes without consuming them (the channel's knowledge of what is queued). */
+static inline Py_ssize_t lf_peek(lf_socket_t s, char *buf, size_t len) {
+    if (len > LF_IO_CHUNK_MAX) len = LF_IO_CHUNK_MAX;
+    return (Py_ssize_t)recv(s, buf, len, MSG_PEEK);
+}
+
+/* Consume `len` bytes already known (peeked) to be queued. Linux discards them without copying
+ * (MSG_TRUNC on a TCP socket); elsewhere they are received into `buf`, which holds the same
+ * bytes already. */
+static inline Py_ssize_t lf_discard(lf_socket_t s, char *buf, size_t len) {
+    if (len > LF_IO_CHUNK_MAX) len = LF_IO_CHUNK_MAX;
+#if defined(__linux__) && defined(MSG_TRUNC)
+    return (Py_ssize_t)recv(s, buf, len, MSG_TRUNC);
+#else
+    return (Py_ssize_t)recv(s, buf, len, 0);
+#endif
+}
+
+/* Scatter read into several buffers: one recvmsg. */
+static inline Py_ssize_t lf_recvv(lf_socket_t s, const lf_iovec *iov, int count) {
+    struct iovec vec[LF_IOV_MAX];
+    struct msghdr msg;
+    size_t total = 0;
+    int i;
+    if (count > LF_IOV_MAX) count = LF_IOV_MAX;
+    for (i = 0; i < count; i++) {
+        size_t len = iov[i].len;
+        if (len > LF_IO_CHUNK_MAX - total) len = LF_IO_CHUNK_MAX - total;
+        vec[i].iov_base = iov[i].base;
+        vec[i].iov_len = len;
+        total += len;
+        if (total >= LF_IO_CHUNK_MAX) { i++; break; }
+    }
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = vec;
+    msg.msg_iovlen = i;
+    return (Py_ssize_t)recvmsg(s, &msg, 0);
 }
 
 /* Gather write with sendmsg (not writev) so that MSG_NOSIGNAL applies. lf_iovec has the same
@@ -205,6 +291,13 @@ static inline int lf_set_nonblocking(lf_socket_t s) {
 static inline int lf_close(lf_socket_t s) { return close(s); }
 /* Let another runnable thread on this CPU go first (used between busy-poll checks). */
 static inline void lf_yield(void) { sched_yield(); }
+/* A short sleep off every wait queue (see Channel._await_data). */
+static inline void lf_nap(int64_t ns) {
+    struct timespec t;
+    t.tv_sec = (time_t)(ns / 1000000000);
+    t.tv_nsec = (long)(ns % 1000000000);
+    nanosleep(&t, NULL);
+}
 static inline int lf_set_nodelay(lf_socket_t s) {
     int on = 1;
     return setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
@@ -215,6 +308,25 @@ static inline int64_t lf_monotonic_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000 + (int64_t)t.tv_nsec;
+}
+
+/* Two counters in memory shared with the processes this one forks: a channel's ledger of what
+ * the copies of it in all of them delivered from one socket (see Channel._deliver). NULL if
+ * the mapping fails. */
+#ifndef MAP_ANONYMOUS
+#define MAP_ANONYMOUS MAP_ANON
+#endif
+static inline uint64_t *lf_shared_ledger_new(void) {
+    void *p = mmap(NULL, 2 * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                   -1, 0);
+    return p == MAP_FAILED ? NULL : (uint64_t *)p;
+}
+static inline void lf_shared_ledger_free(uint64_t *p) {
+    if (p != NULL) munmap(p, 2 * sizeof(uint64_t));
+}
+static inline uint64_t lf_counter_load(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t lf_counter_add(uint64_t *p, uint64_t n) {
+    return __atomic_add_fetch(p, n, __ATOMIC_ACQ_REL);
 }
 
 /* Sets the matching OSError subclass (ConnectionResetError, BrokenPipeError, ...) for errno. */

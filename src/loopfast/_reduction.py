@@ -1,7 +1,8 @@
 """Passing a Channel to a child process (a ``multiprocessing.Process`` argument, or inside a
 message), as multiprocessing does for its own connections: the socket is duplicated into the
 child under the fork, spawn and forkserver start methods. The child's copy gets the same
-direction, limits and serializer, and the bytes already received but not yet read."""
+direction, limits and serializer. Both copies treat the socket as shared from then on: neither
+trusts what it saw queued before the other may have received."""
 
 import importlib
 import socket
@@ -26,22 +27,20 @@ class _ModuleRef:
 
 
 def _state(channel: Channel) -> Tuple[Any, ...]:
-    buffered = channel._buffered()  # first: it refuses a channel in mid-message
+    channel._prepare_handover()  # first: it refuses a channel in mid-message
     serializer = channel.serializer
     if isinstance(serializer, types.ModuleType):
         serializer = _ModuleRef(serializer.__name__)
     options = {"max_message_size": channel.max_message_size, "serializer": serializer,
                "spin": channel.spin}
-    return channel.readable, channel.writable, options, buffered
+    return channel.readable, channel.writable, options
 
 
-def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any],
-             buffered: bytes) -> Channel:
+def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any]) -> Channel:
     if isinstance(options["serializer"], _ModuleRef):
         options["serializer"] = options["serializer"].load()
     channel = Channel(fd, readable, writable, **options)
-    if buffered:
-        channel._prefill(buffered)
+    channel._mark_shared()
     return channel
 
 

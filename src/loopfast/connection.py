@@ -224,7 +224,12 @@ def connect(
 ) -> Channel:
     """Connect to a loopfast Listener at a loopback `address` and return a Channel.
 
-    `timeout` bounds the connection and the handshake (default: the handshake timeout).
+    `timeout` bounds the connection and, with an `authkey`, the handshake (default: the
+    handshake timeout). Without an `authkey` this returns once connected, as multiprocessing's
+    Client does: the listener's hello is checked at the channel's first use, which raises what
+    the handshake found (ProtocolError, AuthenticationError) and delivers nothing before it
+    succeeded. With an `authkey` the exchange needs both sides, so this waits for the
+    listener's accept().
     """
     _check_authkey(authkey)
     fam, sockaddr = resolve(address, family)
@@ -239,6 +244,15 @@ def connect(
         raise
     channel = Channel(sock.detach(), max_message_size=max_message_size, serializer=serializer,
                       spin=spin)
+    if authkey is None:
+        side = Handshake(channel, None, CONNECTOR, None)
+        try:
+            side.start_deferred()
+        except BaseException:
+            channel.close()
+            raise
+        channel._defer_handshake(side)
+        return channel
     handshake(channel, authkey, CONNECTOR, max(0.0, limit - (time.monotonic() - start)))
     return channel
 
@@ -317,16 +331,17 @@ def _connect_own_pair(
 def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> List[Any]:
     """Wait until one or more objects in `object_list` are ready; return the ready ones.
 
-    Accepts Channels, sockets, and anything with a fileno() (as multiprocessing.connection.wait).
-    A Channel that already holds a whole message in its receive buffer is returned at once,
-    without a syscall: use this wait, not multiprocessing's, with loopfast channels.
+    Accepts Channels, sockets, and anything with a fileno() (as multiprocessing.connection.wait,
+    which works on loopfast channels too: their sockets hold every message not yet received).
+    A channel awaiting a reply busy-polls first, for up to its spin budget.
     """
     object_list = list(object_list)
     channels = [obj for obj in object_list if isinstance(obj, CHANNEL_TYPES)]
     ready = [obj for obj in channels if obj._has_message()]
     if ready:
         return ready
-    budget = max((channel_spin(channel.spin) for channel in channels), default=0.0) / 1e6
+    budget = max((channel_spin(channel.spin) for channel in channels
+                  if channel._awaits_reply()), default=0.0) / 1e6
     if budget > 0 and timeout != 0 and hasattr(select, "poll"):
         start = time.monotonic()
         ready = _spin_wait(object_list, budget if timeout is None else min(budget, timeout))

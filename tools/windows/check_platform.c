@@ -19,6 +19,15 @@ int main(void) {
     (void)lf_send(s, buf, sizeof buf);
     (void)lf_recv(s, buf, sizeof buf);
     (void)lf_sendv(s, iov, 2);
+    (void)lf_peek(s, buf, sizeof buf);
+    (void)lf_discard(s, buf, sizeof buf);
+    (void)lf_recvv(s, iov, 2);
+    {
+        uint64_t counter = 0, *shared = lf_shared_ledger_new();
+        (void)lf_counter_add(&counter, 1);
+        (void)lf_counter_load(&counter);
+        lf_shared_ledger_free(shared);
+    }
     (void)lf_poll(s, LF_POLLIN | LF_POLLOUT, 0, &revents);
     (void)lf_set_nonblocking(s);
     (void)lf_set_nodelay(s);
@@ -26,6 +35,7 @@ int main(void) {
     (void)lf_close(s);
     (void)lf_monotonic_ns();
     lf_yield();
+    lf_nap(1000);
     lf_set_os_error(err);
     lf_store_u64le(header + 8, 1);
     lf_store_u32le(header + 4, (uint32_t)lf_load_u64le(header + 8));
