@@ -289,3 +289,37 @@ def test_channel_in_the_middle_of_a_send_cannot_be_handed_over():
         assert len(received) == 2
         assert received[0] == big
         assert received[1] == b"next"
+
+
+def _close_it(channel):
+    channel.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", [10, 300_000])
+def test_handover_does_not_wait_for_a_receive_in_another_thread(method, size):
+    """multiprocessing.Pool's result handler waits in a receive on its result pipe while the pool
+    starts workers, which are handed that pipe (they close it): the handover goes ahead, and the
+    waiting receive gets its message, whole, also when it had begun to arrive (a large one)."""
+    payload = os.urandom(size)
+    a, b = loopfast.Pipe()
+    with a, b:
+        received = []
+        receiver = threading.Thread(target=lambda: received.append(b.recv_bytes(timeout=60)))
+        receiver.start()
+        if size > 100_000:  # the receive is in the middle of a message when the handover comes
+            with socket.socket(fileno=os.dup(a.fileno())) as raw_a:
+                raw_a.setblocking(True)
+                raw_a.sendall(_frame(payload)[:200_000])
+                for child in range(2):
+                    _join(_start(method, _close_it, b))
+                raw_a.sendall(_frame(payload)[200_000:])
+        else:
+            for child in range(2):
+                _join(_start(method, _close_it, b))
+            a.send_bytes(payload)
+        receiver.join(60)
+        assert not receiver.is_alive()
+        assert received == [payload]
+        a.send_bytes(b"after")
+        assert b.recv_bytes(timeout=10) == b"after"

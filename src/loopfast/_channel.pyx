@@ -69,6 +69,8 @@ cdef enum:
     SMALL_SEND_SIZE = 8 * 1024
     # Inside batch(), the buffered frames are written once they reach this size.
     BATCH_FLUSH_SIZE = 64 * 1024
+    # A handover that must wait for a receive in another thread to end looks again this often.
+    HANDOVER_NAP_NS = 200 * 1000
     # While busy-polling: time between two readiness checks, and how often to give the CPU
     # away in case the peer shares it (ns).
     SPIN_GAP_NS = 500
@@ -1869,27 +1871,38 @@ cdef class Channel:
     # ---- handing a channel to another process (see _reduction.py) -------------------------------
 
     def _prepare_handover(self):
-        """Before this channel's socket is duplicated into another process: refuse a channel in
-        the middle of a message, finish a deferred handshake, and treat the socket as shared
-        from now on: the other process can receive from it without this one knowing, so what
-        this channel saw queued is forgotten at every receive."""
-        if self._pending is not None or self._head_have > 0:
-            raise OSError("cannot hand over a channel in the middle of receiving a large message")
+        """Before this channel's socket is duplicated into another process: refuse a channel
+        that a timeout left in the middle of a message, finish a deferred handshake, and treat
+        the socket as shared from now on: the other process can receive from it without this
+        one knowing, so what this channel saw queued is forgotten at every receive.
+
+        Another thread may be inside a receive on this channel, for good (a Pool's result
+        handler waits in one while the pool starts workers): the handover does not wait for it.
+        That receive discarded what it delivered before it began to wait and, with _shared set,
+        discards what it delivers before it returns, so the copy finds the socket as this
+        channel leaves it, as a multiprocessing connection's copy does. Only a deferred
+        handshake, or the discards of a receive that ended just before _shared was set, make
+        the handover wait for the receive lock."""
         if self._send_rest is not None:
             raise OSError("cannot hand over a channel in the middle of sending a message")
-        _lock(self._recv_lock, -1, "receive")
-        try:
-            self._flush_discards()
-        finally:
-            PyThread_release_lock(self._recv_lock)
-        if self._deferred_handshake is not None:
-            _lock(self._recv_lock, -1, "receive")
-            try:
-                if self._deferred_handshake is not None:
-                    self._finish_handshake(-1)
-            finally:
-                PyThread_release_lock(self._recv_lock)
         self._shared = True
+        while True:
+            if PyThread_acquire_lock(self._recv_lock, NOWAIT_LOCK):
+                try:
+                    if self._pending is not None or self._head_have > 0:
+                        raise OSError("cannot hand over a channel in the middle of receiving a "
+                                      "large message")
+                    self._flush_discards()
+                    if self._deferred_handshake is not None:
+                        self._finish_handshake(-1)
+                finally:
+                    PyThread_release_lock(self._recv_lock)
+                return
+            if self._deferred_handshake is None and lf_counter_load(self._ledger + 1) == 0:
+                return
+            with nogil:
+                lf_nap(HANDOVER_NAP_NS)
+            PyErr_CheckSignals()
 
     def _mark_shared(self):
         """Another process may receive from this socket too (the copy rebuilt from a handover)."""

@@ -74,6 +74,7 @@ PENDING_IOV = 64      # a message not all queued is read with scatter reads of t
 MANY_LOOKS = 4        # recv_bytes_many() looks at the queue at most this many more times a call
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
 BATCH_FLUSH_SIZE = 64 * 1024     # inside batch(), buffered frames are written at this size
+HANDOVER_NAP = 200e-6  # a handover waiting for a receive in another thread looks again this often
 
 # ---- object messages (docs/protocol.md, "Objects") -----------------------------------------------
 KIND_OBJECT = 3        # a pickle-5 with out-of-band buffers: size table, pickle, buffers
@@ -1615,18 +1616,30 @@ class Channel:
     # ---- handing a channel to another process (see _reduction.py) --------------------------------
 
     def _prepare_handover(self):
-        """Before this channel's socket is duplicated into another process: refuse a channel in
-        the middle of a message, finish a deferred handshake, and treat the socket as shared
-        from now on (what this channel knows of the queue can go stale)."""
-        if self._pending is not None or self._head_have > 0:
-            raise OSError("cannot hand over a channel in the middle of receiving a large message")
+        """Before this channel's socket is duplicated into another process: refuse a channel
+        that a timeout left in the middle of a message, finish a deferred handshake, and treat
+        the socket as shared from now on (what this channel knows of the queue can go stale).
+
+        A receive in progress in another thread (a Pool's result handler waits in one while the
+        pool starts workers) is not waited for: this twin holds nothing delivered in the socket
+        between its steps. Only a deferred handshake waits for that receive to finish it."""
         if self._send_rest is not None:
             raise OSError("cannot hand over a channel in the middle of sending a message")
-        if self._deferred_handshake is not None:
-            with _take(self._recv_lock, -1, "receive"):
-                if self._deferred_handshake is not None:
-                    self._finish_handshake(-1)
         self._shared = True
+        while True:
+            if self._recv_lock.acquire(False):
+                try:
+                    if self._pending is not None or self._head_have > 0:
+                        raise OSError("cannot hand over a channel in the middle of receiving a "
+                                      "large message")
+                    if self._deferred_handshake is not None:
+                        self._finish_handshake(-1)
+                finally:
+                    self._recv_lock.release()
+                return
+            if self._deferred_handshake is None:
+                return
+            time.sleep(HANDOVER_NAP)
 
     def _mark_shared(self):
         """Another process may receive from this socket too (the copy rebuilt from a handover)."""
