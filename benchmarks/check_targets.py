@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check the speed and memory targets of issues 2, 4, 5 and 7 from ONE run of the loopfast bench;
+"""Check the speed and memory targets of issues 2, 4, 5, 7 and 11 from ONE run of the loopfast bench;
 print PASS/MISS.
 
     python benchmarks/check_targets.py                  # the full bench (about 2.5 minutes)
@@ -14,7 +14,9 @@ against the C floors is SKIP (not judged, no effect on the status) when the run 
 
 The issue-2 targets (loopfast without busy-polling against multiprocessing and the socket loop)
 are judged on the ``loopfast.Pipe(spin=0)`` row; the issue-5 ones on the default
-``loopfast.Pipe()`` and the batched rows.
+``loopfast.Pipe()`` and the batched rows; the issue-11 ones (every win kept once a receive
+takes only what it returns) on the default ``loopfast.Pipe()`` row, with no spin= and no
+batching unless the row says so.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ RATIO_TARGETS = [
      "stream1m", "loopfast", "socket", ">=", 1.0),
     ("1 MiB stream (default spin): ≥ 2 × multiprocessing.Pipe(duplex=False)",
      "stream1m", "loopfast", "mp_pipe_simplex", ">=", 2.0),
+    # issue 11: default settings, a receive takes only what it returns
+    ("64 B round trip (default settings): median ≤ 0.2 × multiprocessing.Pipe",
+     "rt64", "loopfast", "mp_pipe", "<=", 0.2),
+    ("64 B stream, plain send_bytes/recv_bytes (default settings): ≥ 1.2 × multiprocessing.Pipe",
+     "stream64", "loopfast", "mp_pipe", ">=", 1.2),
+    ("64 B stream, plain send_bytes/recv_bytes (default settings): ≥ 1.0 × plain socket loop",
+     "stream64", "loopfast", "socket", ">=", 1.0),
+    ("16 MiB stream (default spin): ≥ 1.0 × plain socket loop",
+     "stream16m", "loopfast", "socket", ">=", 1.0),
+    ("16 MiB stream (default spin): ≥ 2 × multiprocessing.Pipe(duplex=False)",
+     "stream16m", "loopfast", "mp_pipe_simplex", ">=", 2.0),
 ]
 
 # (what the issue asks, case, peer, op, bound): an absolute median of the run.
@@ -81,6 +94,8 @@ ABSOLUTE_TARGETS = [
 FLOOR_TARGETS = [
     ("64 B round trip: median ≤ 1.5 × the busy-polling C floor",
      "loopfast", "rt64_spin", "<=", 1.5),
+    ("64 B round trip (default settings, issue 11): median ≤ 1.3 × the busy-polling C floor",
+     "loopfast", "rt64_spin", "<=", 1.3),
 ]
 
 # (what the issue asks, memory row's api, compared: "ratio" (to the payload) or "bytes", op, bound)
@@ -239,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump(report, f, indent=1, ensure_ascii=False)
     print(format_report(report))
     print()
-    print("Targets (issues 2, 4, 5 and 7), from this one run:")
+    print("Targets (issues 2, 4, 5, 7 and 11), from this one run:")
     verdicts = judge(report)
     for verdict, text, measured in verdicts:
         print(f"  {verdict}  {text}: {measured}")
