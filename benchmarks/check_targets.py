@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check the speed and memory targets of issues 2, 4, 5, 7 and 11 from ONE run of the loopfast bench;
+"""Check the speed and memory targets of issues 2, 4, 5, 7, 11 and 12 from ONE run of the loopfast bench;
 print PASS/MISS.
 
     python benchmarks/check_targets.py                  # the full bench (about 2.5 minutes)
@@ -120,6 +120,21 @@ AIO_TARGETS = [
      "aio / streams", "<", 1.0),
 ]
 
+# issue 12: (what the issue asks, row of the report's "pools" section, compared: "ratio" (loopfast
+# context ÷ stock) or a memory side of loopfast's queue_numpy row, op, bound)
+POOL_TARGETS = [
+    ("ProcessPoolExecutor.submit(f).result(), tiny task: ≤ 0.7 × stock latency",
+     "ppe_submit", "ratio", "<=", 0.7),
+    ("ProcessPoolExecutor.map, tiny tasks: ≥ 1.5 × stock tasks/s", "ppe_map", "ratio", ">=", 1.5),
+    ("Pool.map, chunksize=1: ≥ 1.5 × stock tasks/s", "pool_map", "ratio", ">=", 1.5),
+    ("Queue 64 B put → get: ≥ 1.5 × stock msg/s", "queue64", "ratio", ">=", 1.5),
+    ("Queue of 64 MiB numpy arrays: ≥ 5 × stock GB/s", "queue_numpy", "ratio", ">=", 5.0),
+    ("Queue of 64 MiB numpy arrays: receiver's extra memory ≤ 1.1 × one array",
+     "queue_numpy", "receiver_peak", "<=", 1.1),
+    ("Queue of 64 MiB numpy arrays: sender's extra memory ≤ 0.05 × one array",
+     "queue_numpy", "sender_peak", "<=", 0.05),
+]
+
 PASS, MISS, UNKNOWN, SKIP = "PASS", "MISS", "????", "SKIP"
 
 
@@ -225,10 +240,34 @@ def _judge_aio(report: _bench.Report) -> list[tuple[str, str, str]]:
     return verdicts
 
 
+def _judge_pools(report: _bench.Report) -> list[tuple[str, str, str]]:
+    verdicts = []
+    pools = report.get("pools")
+    for text, row, what, op, bound in POOL_TARGETS:
+        entry = None if not pools else pools["rows"].get(row)
+        if entry is None:
+            why = "the pools were not run" if not pools else pools["skipped"].get(row, "no row")
+            verdicts.append((SKIP, text, why))
+            continue
+        if what == "ratio":
+            value = entry["ratio"]
+            measured = (f"{value:.2f}× (loopfast {entry['medians']['loopfast']:,.4g} vs stock "
+                        f"{entry['medians']['stock']:,.4g})")
+        else:
+            memory = entry.get("memory")
+            if not memory:
+                verdicts.append((SKIP, text, "memory was not measured (Linux only)"))
+                continue
+            value = memory["loopfast"][what]
+            measured = f"{value:.3f}× (stock {memory['stock'][what]:.3f}×)"
+        verdicts.append((PASS if _compare(value, op, bound) else MISS, text, measured))
+    return verdicts
+
+
 def judge(report: _bench.Report) -> list[tuple[str, str, str]]:
     """[(verdict, target text, measured text)] for every target."""
     return (_judge_ratios(report) + _judge_absolute(report) + _judge_floors(report)
-            + _judge_memory(report) + _judge_aio(report))
+            + _judge_memory(report) + _judge_aio(report) + _judge_pools(report))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -254,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump(report, f, indent=1, ensure_ascii=False)
     print(format_report(report))
     print()
-    print("Targets (issues 2, 4, 5, 7 and 11), from this one run:")
+    print("Targets (issues 2, 4, 5, 7, 11 and 12), from this one run:")
     verdicts = judge(report)
     for verdict, text, measured in verdicts:
         print(f"  {verdict}  {text}: {measured}")

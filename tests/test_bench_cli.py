@@ -354,3 +354,26 @@ def test_quick_bench_measures_the_asyncio_round_trip_beside_sync_and_streams(qui
 def test_a_run_of_chosen_cases_leaves_the_asyncio_round_trip_out(no_numpy_run):
     _, report = no_numpy_run
     assert report["aio"] is None
+
+
+def test_quick_bench_compares_pools_and_queues_stock_and_on_loopfast(quick_run):
+    done, report = quick_run
+    pools = report["pools"]
+    rows = set(pools["rows"]) | set(pools["skipped"])
+    assert rows == {"ppe_submit", "ppe_map", "pool_map", "queue64", "queue_numpy"}
+    for row, entry in pools["rows"].items():
+        for name in ("stock", "loopfast"):
+            assert len(entry["samples"][name]) == report["settings"]["rounds"], row
+            assert all(_positive(x) for x in entry["samples"][name]), row
+        assert entry["ratio"] == pytest.approx(
+            entry["medians"]["loopfast"] / entry["medians"]["stock"])
+    if "queue_numpy" in pools["rows"] and sys.platform.startswith("linux"):
+        memory = pools["rows"]["queue_numpy"]["memory"]
+        assert set(memory) == {"stock", "loopfast"}
+        assert all(_positive(memory[n]["receiver_peak"]) for n in memory)
+    assert "Pool(2).map, chunksize=1" in done.stdout and "loopfast ÷ stock" in done.stdout
+
+
+def test_a_run_of_chosen_cases_leaves_pools_out(no_numpy_run):
+    _, report = no_numpy_run
+    assert report["pools"] is None

@@ -127,3 +127,14 @@ def test_asyncio_service_under_spawn():
     needs_aio()
     assert_ok(run_example_main("asyncio_service.py", "spawn", "--clients", "2", "--requests", "5"),
               "service ok: 2 clients (1 processes, 1 threads)")
+
+
+def test_process_pool_gives_the_same_results_on_loopfast():
+    assert_ok(run_example("process_pool.py", "--tasks", "2000", "--arrays", "2"),
+              "process pool ok: 2000 tasks and ")
+
+
+def test_process_pool_under_spawn():
+    """install() reaches the executor's workers started by spawn."""
+    assert_ok(run_example_main("process_pool.py", "spawn", "--tasks", "300", "--arrays", "1",
+                               "--workers", "2"), "process pool ok: 300 tasks and ")

@@ -14,6 +14,7 @@ from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
 from ._spin import get_default_spin, set_default_spin
 from ._version import __version__
 from .connection import Client, Listener, Pipe, wait
+from .context import get_context, install, installed, uninstall
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -25,8 +26,12 @@ __all__ = [
     "Pipe",
     "ProtocolError",
     "__version__",
+    "get_context",
     "get_default_spin",
     "implementation",
+    "install",
+    "installed",
     "set_default_spin",
+    "uninstall",
     "wait",
 ]

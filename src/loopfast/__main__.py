@@ -18,7 +18,7 @@ import sys
 import textwrap
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import _bench, _bench_aio, _bench_floors, _bench_plot, _doctor
+from . import _bench, _bench_aio, _bench_floors, _bench_plot, _bench_pools, _doctor
 from ._bench import MiB, Report, format_size, format_value
 
 
@@ -49,7 +49,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         report = _bench.run(args.case, quick=args.quick, rounds=args.rounds,
                             memory=not args.no_memory, pin=args.pin, floors=args.floors,
-                            aio=not args.no_aio)
+                            aio=not args.no_aio, pools=not args.no_pools)
     except (_bench.BenchError, ValueError) as exc:
         print(f"loopfast bench: {exc}", file=sys.stderr)
         return 1
@@ -161,6 +161,10 @@ def format_report(report: Report) -> str:
     if aio:
         lines.append("")
         lines.append(_bench_aio.format_report(aio))
+    pools = report.get("pools")
+    if pools:
+        lines.append("")
+        lines.append(_bench_pools.format_report(pools))
     return "\n".join(lines)
 
 
@@ -287,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-aio", action="store_true",
                        help="skip the asyncio round trip (loopfast.aio beside the sync channel "
                             "and asyncio streams; not run with --case either)")
+    bench.add_argument("--no-pools", action="store_true",
+                       help="skip multiprocessing's pools and queues (ProcessPoolExecutor, "
+                            "Pool, Queue: stock beside loopfast.get_context(); not run with "
+                            "--case either)")
     bench.add_argument("--list", action="store_true", help="list the cases and peers, and exit")
     bench.set_defaults(handler=_run_bench)
 

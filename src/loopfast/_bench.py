@@ -231,6 +231,7 @@ class Report(TypedDict):
     memory: Optional[MemorySection]
     floors: Optional[FloorsSection]  # the C floors, with --floors DIR
     aio: Optional[AioReport]  # the asyncio round trip (_bench_aio), unless --no-aio or --case
+    pools: Optional[dict[str, object]]  # multiprocessing's pools and queues (_bench_pools)
     duration_s: float
 
 
@@ -1021,12 +1022,13 @@ class _Progress:
 
 def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         rounds: Optional[int] = None, memory: bool = True, pin: str = "none",
-        floors: Optional[str] = None, aio: bool = True,
+        floors: Optional[str] = None, aio: bool = True, pools: bool = True,
         progress: Callable[[str], None] = _stderr) -> Report:
     """Run the bench and return its report (a JSON-ready dict; `format_report` prints it).
     `floors`: a directory holding the C floor programs (pingpong.c, stream.c), compiled and run
     in every round (see _bench_floors). `aio`: also measure the asyncio round trip (_bench_aio),
-    in a run of all the default cases (not with `case_names`)."""
+    `pools`: multiprocessing's pools and queues, stock and on loopfast (_bench_pools), in a run
+    of all the default cases (not with `case_names`)."""
     from . import _bench_floors
     own_cpus, peer_cpus = pinning(pin)
     if case_names:
@@ -1059,6 +1061,7 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         "memory": None,
         "floors": None,
         "aio": None,
+        "pools": None,
         "duration_s": 0.0,
     }
     skipped = report["skipped_peers"]
@@ -1123,6 +1126,9 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         from . import _bench_aio
         report["aio"] = _bench_aio.run(rounds=rounds, count=AIO_QUICK_COUNT if quick else
                                        AIO_COUNT, pin=pin, progress=show.status)
+    if pools and not case_names:
+        from . import _bench_pools
+        report["pools"] = _bench_pools.run(rounds=rounds, quick=quick, progress=show.status)
     report["duration_s"] = time.perf_counter() - t0
     return report
 

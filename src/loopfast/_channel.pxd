@@ -56,6 +56,7 @@ cdef class Channel:
     cdef int _spin_backoff          # how many the last contention made skip (doubles, to 1024)
     cdef int64_t _spun_ns           # time spent busy-polling, in all (_spin_time())
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
+    cdef public bint _warn_unclosed  # ResourceWarning when collected open (False: a queue's pipe)
 
     # The kernel's queue holds every message not yet delivered. The window: bytes [_rstart,
     # _rend) of _rbuf are a copy (a peek) of the head of that queue, nothing in it consumed.

@@ -413,6 +413,7 @@ cdef class Channel:
         self._send_lock = NULL
         self._recv_lock = NULL
         self._ledger = self._own_ledger
+        self._warn_unclosed = True
 
     def __init__(self, fd, bint readable=True, bint writable=True, *,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None, spin=None):
@@ -477,8 +478,10 @@ cdef class Channel:
     def __del__(self):
         if self._fd != LF_INVALID_SOCKET:
             # Not while the interpreter shuts down: warnings can no longer be shown then (a
-            # spawned child that exits with a channel open would print a stray error).
-            if not _is_finalizing():
+            # spawned child that exits with a channel open would print a stray error). Not for a
+            # pipe of multiprocessing's queues and pools either: their code leaves many open for
+            # the collector, as multiprocessing's own connections allow.
+            if self._warn_unclosed and not _is_finalizing():
                 _warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 

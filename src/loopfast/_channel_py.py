@@ -415,6 +415,7 @@ class Channel:
         "_max_message_size",      # int; 2**64 - 1 when there is no limit
         "_max_message_size_obj",  # as given (int or None), for the property and messages
         "_serializer",       # dumps/loads for send()/recv(); None: pickle protocol 5
+        "_warn_unclosed",    # ResourceWarning when collected open (False: a queue's pipe)
         "_spin",             # the spin setting, kept for API parity (this twin never spins)
         # The kernel's queue holds every message not yet delivered. The window: bytes
         # [_rstart, _rend) of _rbuf are a copy (a peek) of the head of that queue, nothing in it
@@ -452,6 +453,7 @@ class Channel:
         # check below fails (the compiled class does this in __cinit__).
         self._sock = None
         self._serializer = None
+        self._warn_unclosed = True
         self._fd = -1
         self._readable = self._writable = False
         self._deferred_close = None
@@ -525,7 +527,9 @@ class Channel:
         if getattr(self, "_sock", None) is not None:
             # Not while the interpreter shuts down: warnings can no longer be shown then (a
             # spawned child that exits with a channel open would print a stray error).
-            if not _is_finalizing():
+            # Not for a pipe of multiprocessing's queues and pools either: their code leaves many
+            # open for the collector, as multiprocessing's own connections allow.
+            if self._warn_unclosed and not _is_finalizing():
                 _warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 

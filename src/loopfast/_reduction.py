@@ -32,14 +32,16 @@ def _state(channel: Channel) -> Tuple[Any, ...]:
     if isinstance(serializer, types.ModuleType):
         serializer = _ModuleRef(serializer.__name__)
     options = {"max_message_size": channel.max_message_size, "serializer": serializer,
-               "spin": channel.spin}
+               "spin": channel.spin, "warn_unclosed": channel._warn_unclosed}
     return channel.readable, channel.writable, options
 
 
 def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any]) -> Channel:
     if isinstance(options["serializer"], _ModuleRef):
         options["serializer"] = options["serializer"].load()
+    warn_unclosed = options.pop("warn_unclosed", True)
     channel = Channel(fd, readable, writable, **options)
+    channel._warn_unclosed = warn_unclosed
     channel._mark_shared()
     return channel
 
