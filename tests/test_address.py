@@ -1,5 +1,6 @@
 """Loopback-only addressing: every address that is not loopback is refused with ValueError before
-any socket is created, and 'localhost' is resolved and checked.
+any socket is created, and no name is ever resolved ('localhost' means 127.0.0.1, or ::1 with
+family='AF_INET6', without a lookup: no DNS query can leave the machine).
 
 The refusal tests install a spy (not a replacement) on socket creation and name resolution: if
 loopfast reached either, the spy fails the test. No test here ever sends a packet to a
@@ -217,69 +218,53 @@ def test_ipv6_loopback_is_accepted():
             assert server.recv(timeout=10) == ("v6", 1)
 
 
-def _localhost_is_loopback():
-    try:
-        infos = socket.getaddrinfo("localhost", 0, 0, socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    hosts = [info[4][0] for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
-    return bool(hosts) and all(h.startswith("127.") or h == "::1" for h in hosts)
+@pytest.mark.parametrize("host", ["localhost", "localhost.", "LocalHost"])
+@pytest.mark.parametrize("family, expected", [(None, "127.0.0.1"), ("AF_INET", "127.0.0.1"),
+                                              ("AF_INET6", "::1")])
+def test_localhost_is_loopback_without_a_lookup(monkeypatch, host, family, expected):
+    def refuse(name, *args, **kwargs):
+        raise AssertionError(f"loopfast resolved {name!r}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)  # a tampered /etc/hosts or DNS: unused
+    fam, sockaddr = _address.resolve((host, 5000), family)
+    assert sockaddr[:2] == (expected, 5000)
+    assert fam == (socket.AF_INET6 if expected == "::1" else socket.AF_INET)
 
 
-def test_localhost_is_accepted_when_it_resolves_to_loopback():
-    if not _localhost_is_loopback():
-        pytest.skip("'localhost' does not resolve to loopback addresses only on this machine")
-    with loopfast.Listener(("localhost", 0)) as listener:
+@pytest.mark.parametrize("family", [None, "AF_INET6"])
+def test_localhost_listener_and_client_never_resolve(monkeypatch, family):
+    if family == "AF_INET6" and not _ipv6_loopback_available():
+        pytest.skip("::1 is not available")
+    lookups = []
+    real = socket.getaddrinfo
+
+    def spy(name, *args, **kwargs):
+        lookups.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    with loopfast.Listener(("localhost.", 0), family) as listener:
         host, port = listener.address
-        assert host == "::1" or host.startswith("127.")
+        assert host == ("::1" if family else "127.0.0.1")
         client, server = _connected_pair(
-            listener, lambda: loopfast.Client(("localhost", port), timeout=10))
+            listener, lambda: loopfast.Client(("localhost", port), family, timeout=10))
         with client, server:
             client.send_bytes(b"hi")
             assert server.recv_bytes(timeout=10) == b"hi"
-
-
-# ---- 'localhost' mapped elsewhere -------------------------------------------------------------
-
-
-def _hosts_file_resolver(*addresses):
-    """A getaddrinfo that maps 'localhost' to `addresses`, as a tampered /etc/hosts would."""
-
-    def resolve(host, port, family=0, type=0, proto=0, flags=0):
-        assert host == "localhost", f"loopfast resolved {host!r}"
-        out = []
-        for addr in addresses:
-            if ":" in addr:
-                out.append((socket.AF_INET6, socket.SOCK_STREAM, 6, "", (addr, port, 0, 0)))
-            else:
-                out.append((socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port)))
-        return out
-
-    return resolve
+    assert not [name for name in lookups if "localhost" in str(name).lower()], lookups
 
 
 @pytest.mark.parametrize("opener", OPENERS, ids=str)
-@pytest.mark.parametrize("mapped", [("192.168.1.10",), ("2001:db8::1",),
-                                    ("127.0.0.1", "192.168.1.10")], ids=str)
-def test_localhost_mapped_elsewhere_is_refused(monkeypatch, opener, mapped):
-    spy = _NoTraffic(monkeypatch, resolver=_hosts_file_resolver(*mapped))
-    with pytest.raises(ValueError) as info:
-        OPENERS[opener](("localhost", 5000))
-    message = str(info.value)
-    assert mapped[-1] in message
-    assert "/etc/hosts" in message
-    assert spy.lookups == ["localhost"]  # it was resolved ...
-    assert spy.sockets == []  # ... and nothing was bound or connected
+@pytest.mark.parametrize("host", ["::1%lo", "::1%1", "fe80::1%lo", "127.0.0.1%lo"])
+def test_scope_id_is_refused_up_front(no_traffic, opener, host):
+    with pytest.raises(ValueError, match="scope|loopback"):
+        OPENERS[opener]((host, 5000))
+    assert no_traffic.sockets == [] and no_traffic.lookups == []
 
 
-def test_localhost_that_does_not_resolve_is_refused(monkeypatch):
-    def fail(host, *args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    spy = _NoTraffic(monkeypatch, resolver=fail)
-    with pytest.raises(ValueError, match="localhost"):
-        loopfast.Client(("localhost", 5000), timeout=5)
-    assert spy.sockets == []
+def test_scope_id_message_names_the_fix():
+    with pytest.raises(ValueError, match=r"scope \(zone\) id.*'::1'"):
+        _address.resolve(("::1%lo", 1))
 
 
 # ---- check_peer (defence in depth on accepted connections) --------------------------------------

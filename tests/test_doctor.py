@@ -22,34 +22,29 @@ from conftest import IPV6_AVAILABLE, JOIN_TIMEOUT, Background
 
 import loopfast
 from loopfast import __main__ as cli
-from loopfast import _doctor
+from loopfast import _doctor, _peer
 
 RUN_TIMEOUT = 60
 SHORT = 0.5  # seconds the doctor waits for a port's answer in the in-process tests
-NOT_LOOPBACK = "10.20.30.40"  # only ever handed back by a fake resolver; never contacted
+NOT_LOOPBACK = "10.20.30.40"  # only ever written in a fake hosts file; never contacted
 
 # Runs `python -m loopfast doctor ARGS` with an audit hook that records every address the
 # process binds, connects or sends to, and every getaddrinfo() call, into the file argv[1].
-# argv[2], when not "-": 'localhost' resolves to that address and 127.0.0.1 (a fake /etc/hosts).
+# argv[2], when not "-": a hosts file the doctor reads instead of /etc/hosts.
 WATCHED = r"""
 import json, socket, sys
 events = []
 def hook(event, args):
     if event in ("socket.connect", "socket.bind"):
         events.append([event, str(args[1][0]) if isinstance(args[1], tuple) else repr(args[1])])
-    elif event == "socket.sendto":
-        events.append([event, str(args[-1][0])])
+    elif event == "socket.sendto" and args[0].family != getattr(socket, "AF_NETLINK", -1):
+        events.append([event, str(args[-1][0])])  # (a netlink query asks this kernel only)
     elif event == "socket.getaddrinfo":
         events.append([event, str(args[0])])
 sys.addaudithook(hook)
 if sys.argv[2] != "-":
-    real = socket.getaddrinfo
-    def fake(host, *args, **kwargs):
-        if host == "localhost":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (sys.argv[2], 0)),
-                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
-        return real(host, *args, **kwargs)
-    socket.getaddrinfo = fake
+    from loopfast import _doctor
+    _doctor.HOSTS_FILE = sys.argv[2]
 from loopfast.__main__ import main
 try:
     code = main(sys.argv[3:])
@@ -60,11 +55,18 @@ sys.exit(code)
 """
 
 
+def _mapped_hosts(tmp_path):
+    """A hosts file that maps localhost elsewhere (and to 127.0.0.1)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{NOT_LOOPBACK} localhost  # moved\n127.0.0.1 localhost\n")
+    return str(hosts)
+
+
 def _watched_doctor(tmp_path, *args, mapped=False):
     """(completed process, recorded socket events) of one doctor run in a child process."""
     events = tmp_path / f"events-{len(list(tmp_path.iterdir()))}.json"
     done = subprocess.run(
-        [sys.executable, "-c", WATCHED, str(events), NOT_LOOPBACK if mapped else "-", "doctor",
+        [sys.executable, "-c", WATCHED, str(events), _mapped_hosts(tmp_path) if mapped else "-", "doctor",
          *args], capture_output=True, text=True, encoding="utf-8", timeout=RUN_TIMEOUT,
         check=False)
     assert events.exists(), done.stderr
@@ -98,7 +100,7 @@ def test_healthy_machine_exits_0_with_no_error(healthy):
 def test_json_has_every_check_with_status_message_and_hint(healthy):
     _, report, _ = healthy
     checks = _by_name(report)
-    assert set(checks) == {"implementation", "cpus", "ipv4", "ipv6", "localhost",
+    assert set(checks) == {"implementation", "cpus", "ipv4", "ipv6", "localhost", "peer-identity",
                            "socket-buffers", "ephemeral-ports", "round-trip"}
     for check in report["checks"]:
         assert check["status"] in ("ok", "warning", "error")
@@ -136,15 +138,15 @@ def test_doctor_contacts_loopback_addresses_only(healthy):
     assert addresses, "the audit hook saw no socket at all"
     assert all(_is_loopback(address) for address in addresses), events
     looked_up = {host for event, host in events if event == "socket.getaddrinfo"}
-    assert looked_up <= {"localhost", "127.0.0.1", "::1"}
+    assert looked_up <= {"127.0.0.1", "::1"}  # never a name (no DNS query can leave)
 
 
 def test_text_output_lists_every_check_and_the_verdict():
     done = subprocess.run([sys.executable, "-m", "loopfast", "doctor"], capture_output=True,
                           text=True, encoding="utf-8", timeout=RUN_TIMEOUT, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    for title in ("implementation", "CPUs", "127.0.0.1", "::1", "localhost", "socket buffers",
-                  "ephemeral ports", "round trip"):
+    for title in ("implementation", "CPUs", "127.0.0.1", "::1", "localhost", "peer identity",
+                  "socket buffers", "ephemeral ports", "round trip"):
         assert title in done.stdout
     assert done.stdout.rstrip().splitlines()[-1].startswith("healthy")
     assert "Traceback" not in done.stderr
@@ -167,49 +169,42 @@ def connects(monkeypatch):
     active[0] = False
 
 
-def _fake_resolver(monkeypatch, *addresses):
-    calls = []
+def _no_lookups(monkeypatch):
+    def refuse(host, *args, **kwargs):
+        raise AssertionError(f"the doctor resolved {host!r}")
 
-    def fake(host, port, family=0, type=0, proto=0, flags=0):
-        calls.append(host)
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (a, port, 0, 0) if ":" in a else (a, port)) for a in addresses]
-
-    monkeypatch.setattr(socket, "getaddrinfo", fake)
-    return calls
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def test_localhost_mapped_elsewhere_is_a_warning_that_shows_the_mapping(monkeypatch, tmp_path,
                                                                         connects):
-    calls = _fake_resolver(monkeypatch, NOT_LOOPBACK, "127.0.0.1")
+    _no_lookups(monkeypatch)
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1 localhost4\n{NOT_LOOPBACK} localhost  # moved\n")
     check = _doctor.check_localhost(hosts_file=str(hosts))
     assert check.status == "warning"
-    assert f"{NOT_LOOPBACK} (not loopback)" in check.message and "refuses" in check.message
-    assert "127.0.0.1 or ::1" in check.hint
+    assert f"{NOT_LOOPBACK} (not loopback)" in check.message
+    assert "without a lookup" in check.message and "127.0.0.1 and ::1 only" in check.hint
     assert check.details["hosts_file"]["lines"] == [f"{NOT_LOOPBACK} localhost  # moved"]
-    assert [a["address"] for a in check.details["addresses"]] == [NOT_LOOPBACK, "127.0.0.1"]
-    assert check.details["accepted_by_loopfast"] is False
-    assert calls == ["localhost"]
+    assert [a["address"] for a in check.details["addresses"]] == [NOT_LOOPBACK]
+    assert check.details["uses"] == {"AF_INET": "127.0.0.1", "AF_INET6": "::1"}
     assert connects == []
 
 
-def test_localhost_on_loopback_only_is_ok(monkeypatch):
-    _fake_resolver(monkeypatch, "::1", "127.0.0.1")
-    check = _doctor.check_localhost()
+def test_localhost_on_loopback_only_is_ok(monkeypatch, tmp_path):
+    _no_lookups(monkeypatch)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
+    check = _doctor.check_localhost(hosts_file=str(hosts))
     assert check.status == "ok"
-    assert check.details["uses"] == "::1"
     assert [a["loopback"] for a in check.details["addresses"]] == [True, True]
+    assert "127.0.0.1, ::1" in check.message
 
 
-def test_localhost_that_does_not_resolve_is_a_warning(monkeypatch):
-    def fail(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", fail)
-    check = _doctor.check_localhost()
-    assert check.status == "warning" and "does not resolve" in check.message
+def test_localhost_missing_from_the_hosts_file_is_ok_without_a_lookup(monkeypatch, tmp_path):
+    _no_lookups(monkeypatch)
+    check = _doctor.check_localhost(hosts_file=str(tmp_path / "absent"))
+    assert check.status == "ok" and "nothing in" in check.message
 
 
 def test_cli_with_localhost_mapped_elsewhere_warns_exits_0_and_never_contacts_it(tmp_path):
@@ -219,6 +214,8 @@ def test_cli_with_localhost_mapped_elsewhere_warns_exits_0_and_never_contacts_it
     assert check["status"] == "warning" and NOT_LOOPBACK in check["message"]
     assert all(_is_loopback(address) for event, address in events
                if event != "socket.getaddrinfo"), events
+    assert "localhost" not in [address for event, address in events
+                               if event == "socket.getaddrinfo"], events
 
 
 def test_strict_makes_a_warning_exit_1(tmp_path):
@@ -433,3 +430,35 @@ def test_ipv6_disabled_for_real_is_a_warning_not_a_traceback():
     assert checks[f"port [::1]:{port}"]["details"]["outcome"] == "unavailable"
     assert "Traceback" not in done.stderr
 
+
+
+# ---- peer identity --------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag is Linux's")
+def test_peer_identity_reports_sock_diag_and_its_cost():
+    check = _doctor.check_peer_identity()
+    assert check.status == "ok", check
+    assert check.details["mechanism"] == "sock_diag"
+    assert check.details["peer_uid"] == check.details["uid"] == os.geteuid()
+    assert 0 < check.details["query_us"] < 1e6
+
+
+def test_peer_identity_where_the_platform_cannot_tell_is_a_warning_that_says_what_to_do(
+        monkeypatch):
+    monkeypatch.setattr(_peer, "mechanism", lambda: None)
+    check = _doctor.check_peer_identity()
+    assert check.status == "warning"
+    assert check.details["mechanism"] is None
+    assert "allow_users='any'" in check.hint
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag is Linux's")
+def test_peer_identity_query_failing_is_an_error(monkeypatch):
+    def refused(fd, timeout=0.1):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_peer, "peer_identity", refused)
+    check = _doctor.check_peer_identity()
+    assert check.status == "error"
+    assert "Operation not permitted" in check.message
+    assert "allow_users='any'" in check.hint

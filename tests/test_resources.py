@@ -38,6 +38,24 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _peer_identity_socket():
+    """The netlink socket that tells a TCP peer's user is made on first use and kept for the
+    process: make it before any test counts descriptors."""
+    with loopfast.Listener() as listener:
+        with loopfast.Client(listener.address, timeout=RECV_TIMEOUT), listener.accept():
+            pass
+
+
+def warmed(listener):
+    """`listener` after one good connection: its selector (kept while it is open) and the
+    process's peer-identity socket (kept for the process) exist before a test counts fds."""
+    server = Background(listener.accept)
+    loopfast.Client(listener.address, authkey=listener._authkey, timeout=RECV_TIMEOUT).close()
+    server.result().close()
+    return listener
+
+
 # ---- file descriptors: thousands of channels --------------------------------------------------
 
 @needs_proc_fd
@@ -109,7 +127,7 @@ def test_a_channel_closed_after_eof_leaves_no_fd(make_pair):
 
 @needs_proc_fd
 def test_a_garbage_handshake_leaves_no_fd_on_the_listening_side():
-    with loopfast.Listener() as listener:
+    with warmed(loopfast.Listener()) as listener:
         before = open_fds()
         with socket.create_connection(listener.address, timeout=RECV_TIMEOUT) as raw:
             raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * HELLO.size)
@@ -146,7 +164,7 @@ def test_a_garbage_handshake_leaves_no_fd_on_the_connecting_side():
 
 @needs_proc_fd
 def test_a_refused_authkey_leaves_no_fd_on_either_side():
-    with loopfast.Listener(authkey=b"right") as listener:
+    with warmed(loopfast.Listener(authkey=b"right")) as listener:
         before = open_fds()
         server = Background(listener.accept)
         with pytest.raises(loopfast.AuthenticationError):
@@ -158,7 +176,7 @@ def test_a_refused_authkey_leaves_no_fd_on_either_side():
 
 @needs_proc_fd
 def test_a_handshake_timeout_leaves_no_fd():
-    with loopfast.Listener(handshake_timeout=0.2) as listener:
+    with warmed(loopfast.Listener(handshake_timeout=0.2)) as listener:
         before = open_fds()
         with socket.create_connection(listener.address, timeout=RECV_TIMEOUT):
             with pytest.raises(TimeoutError):
@@ -348,6 +366,9 @@ _AT_THE_LIMIT = textwrap.dedent("""
             return [loopfast.Listener()]
         return [loopfast.Client(tuple(address), timeout=30)]
 
+    if what == "Client":  # the peer-identity socket is made once and kept for the process
+        for channel in call():
+            channel.close()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))
     results = []
@@ -391,7 +412,11 @@ def test_the_file_descriptor_limit_is_a_clear_oserror_that_leaks_nothing(what, i
 
         def serve():
             while True:
-                with listener.accept():
+                try:
+                    channel = listener.accept()
+                except loopfast.ProtocolError:
+                    continue  # a client that hit the limit after connecting gave up
+                with channel:
                     if stop:
                         return
 

@@ -1,18 +1,18 @@
 """Where an address is checked: loopfast binds and connects to loopback addresses only.
 
 A service bound to 127.0.0.0/8 or ::1 is reachable only from this machine; 0.0.0.0, ``::`` or any
-other address would expose it to the network. ``localhost`` is accepted but resolved and checked,
-because /etc/hosts can map it elsewhere. No other host name is resolved (that could send a DNS
-query off the machine).
+other address would expose it to the network. No name is ever resolved, so no DNS query can leave
+the machine: ``localhost`` (and ``localhost.``) means 127.0.0.1, or ::1 with family 'AF_INET6'
+(RFC 6761: the loopback address, whatever /etc/hosts or a resolver would say), and any other host
+name is refused.
 """
 
 import ipaddress
 import socket
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
-Resolver = Callable[..., Sequence[Tuple[Any, ...]]]
 
 __all__ = ["check_peer", "family_from_name", "resolve"]
 
@@ -53,13 +53,11 @@ def _parse_ip(host: str) -> Optional[IPAddress]:
         return None
 
 
-def resolve(
-    address: Any, family: Union[str, int, None] = None, *, resolver: Optional[Resolver] = None
-) -> Tuple[int, SockAddr]:
+def resolve(address: Any, family: Union[str, int, None] = None) -> Tuple[int, SockAddr]:
     """Check a (host, port) address and return (socket family, sockaddr) to bind or connect.
 
-    Raises ValueError for anything that is not loopback. `resolver` defaults to
-    socket.getaddrinfo (tests pass their own to map 'localhost' elsewhere).
+    Raises ValueError for anything that is not a loopback address, before any socket exists and
+    without any name lookup.
     """
     fam = family_from_name(family)
     if isinstance(address, (str, bytes)):
@@ -78,9 +76,14 @@ def resolve(
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"address port must be an int in 0..65535, got {port!r}")
 
-    if host.rstrip(".").lower() == "localhost":
-        return _resolve_localhost(host, port, fam, resolver or socket.getaddrinfo)
-
+    if host.lower() in ("localhost", "localhost."):
+        if fam == socket.AF_INET6:
+            return socket.AF_INET6, ("::1", port, 0, 0)
+        return socket.AF_INET, ("127.0.0.1", port)
+    if "%" in host:
+        raise ValueError(
+            f"address {host!r} has a scope (zone) id: the loopback address ::1 needs none, "
+            "give '::1'")
     ip = _parse_ip(host)
     if ip is None:
         raise ValueError(_REFUSED.format(what=f"the host name {host!r}, which is not resolved"))
@@ -92,34 +95,6 @@ def resolve(
     if ip_family == socket.AF_INET6:
         return ip_family, (str(ip), port, 0, 0)
     return ip_family, (str(ip), port)
-
-
-def _resolve_localhost(
-    host: str, port: int, fam: Optional[int], resolver: Resolver
-) -> Tuple[int, SockAddr]:
-    try:
-        infos = resolver(host, port, fam or 0, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve {host!r}: {exc}") from None
-    found: List[Tuple[int, Any, Optional[IPAddress]]] = []
-    for info in infos:
-        info_family, sockaddr = info[0], info[4]
-        if info_family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        ip = _parse_ip(str(sockaddr[0]).split("%")[0])
-        found.append((info_family, sockaddr, ip))
-    outside = [str(sa[0]) for _, sa, ip in found if ip is None or not _is_loopback(ip)]
-    if outside:
-        raise ValueError(_REFUSED.format(
-            what=f"{host!r}, which resolves to {', '.join(outside)} on this machine "
-                 "(check /etc/hosts); use 127.0.0.1 or ::1"))
-    if not found:
-        raise ValueError(f"{host!r} does not resolve to any IPv4 or IPv6 address")
-    info_family, sockaddr, ip = found[0]
-    assert ip is not None
-    if info_family == socket.AF_INET6:
-        return info_family, (str(ip), port, 0, 0)
-    return info_family, (str(ip), port)
 
 
 def check_peer(sockaddr: Sequence[Any]) -> None:

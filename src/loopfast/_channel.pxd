@@ -57,6 +57,11 @@ cdef class Channel:
     cdef int64_t _spun_ns           # time spent busy-polling, in all (_spin_time())
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
     cdef public bint _warn_unclosed  # ResourceWarning when collected open (False: a queue's pipe)
+    cdef public object _peer_uid    # the uid of the peer's socket, checked at the handshake
+    # The peer proved the authkey, or is this process's own user (who could end this process
+    # anyway): a frame's parts are allocated at their final sizes before its payload arrives.
+    # Otherwise only as the bytes arrive (_reserve): a header announcing 4 GiB reserves 64 KiB.
+    cdef public bint _trusted
 
     # The kernel's queue holds every message not yet delivered. The window: bytes [_rstart,
     # _rend) of _rbuf are a copy (a peek) of the head of that queue, nothing in it consumed.
@@ -90,6 +95,8 @@ cdef class Channel:
     # before its head was consumed). While it is incomplete (a timeout interrupted it) it is
     # kept here, so that the next receive resumes it and the stream stays whole.
     cdef object _pending            # list of the message's parts (bytes/bytearray), or None
+    cdef object _pending_sizes      # their final sizes while they grow as bytes arrive, or None
+    cdef Py_ssize_t _pending_received  # bytes of the message's payload received so far
     cdef Py_ssize_t _pending_part   # index of the part being filled
     cdef Py_ssize_t _pending_filled  # bytes of that part already received
     cdef int _pending_kind          # frame kind of the message
@@ -136,7 +143,9 @@ cdef class Channel:
     cdef int _read_head(self, Py_ssize_t size, int64_t deadline) except -1
     cdef object _take_frame(self, int64_t deadline, bint consumed)
     cdef int _consume_head(self, bint consumed) except -1
-    cdef int _start_pending(self, list parts, int kind) except -1
+    cdef int _start_pending(self, list parts, int kind, object sizes) except -1
+    cdef int _reserve(self) except -1
+    cdef Py_ssize_t _pending_size(self, Py_ssize_t i)
     cdef object _finish_pending(self, int64_t deadline)
     cdef int _refuse_object(self) except -1
     cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength)

@@ -10,7 +10,7 @@ docs/protocol.md; the handshake that precedes the frames lives in _handshake.py.
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
 from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize,
-                                PyByteArray_GET_SIZE)
+                                PyByteArray_GET_SIZE, PyByteArray_Resize)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -60,6 +60,10 @@ cdef enum:
     PEEK_SIZE_SHARED = 4096 + HEADER_SIZE
     # An incomplete message is read into its parts with scatter reads of up to this many parts.
     PENDING_IOV = 64
+    # From a peer not trusted (no authkey proved, another user), a message's parts are allocated
+    # as its bytes arrive: at most this much, or as much as has arrived if that is more, ahead
+    # of them.
+    RESERVE_FLOOR = 64 * 1024
     # recv_bytes_many() looks at the queue at most this many more times per call.
     MANY_LOOKS = 4
     # A frame up to this size is assembled with its header in one contiguous buffer and sent with
@@ -248,6 +252,41 @@ cdef list _object_parts(const unsigned char *h):
     return parts
 
 
+cdef bytes _part_sizes(const unsigned char *h):
+    """The sizes of the parts of the frame whose (checked) head is at `h`, as a table of 64-bit
+    little-endian sizes (8 bytes a part: the object message's own size table, copied)."""
+    cdef bytes sizes
+    if h[0] != KIND_OBJECT:
+        sizes = PyBytes_FromStringAndSize(NULL, 8)
+        lf_store_u64le(<unsigned char *>PyBytes_AS_STRING(sizes), lf_load_u64le(h + 8))
+        return sizes
+    return PyBytes_FromStringAndSize(<const char *>h + HEADER_SIZE,
+                                     8 * (<Py_ssize_t>lf_load_u32le(h + 4) + 1))
+
+
+cdef inline Py_ssize_t _capacity(object part):
+    if part is None:
+        return -1
+    if type(part) is bytes:
+        return PyBytes_GET_SIZE(part)
+    return PyByteArray_GET_SIZE(part)
+
+
+cdef object _grown(object part, Py_ssize_t size, Py_ssize_t filled, bint as_bytes):
+    """`part` (None: not allocated yet) with room for `size` bytes, its first `filled` kept. A
+    bytes part is replaced by a new one (its contents copied: a failed allocation leaves the old
+    one whole, so a MemoryError loses nothing); a bytearray part grows in place."""
+    if as_bytes:
+        grown = PyBytes_FromStringAndSize(NULL, size)
+        if filled:
+            memcpy(PyBytes_AS_STRING(grown), PyBytes_AS_STRING(part), filled)
+        return grown
+    if part is None:
+        return PyByteArray_FromStringAndSize(NULL, size)
+    PyByteArray_Resize(part, size)
+    return part
+
+
 cdef int _copy_parts(list parts, const char *src) except -1:
     """Fill `parts` (from _object_parts) with the bytes that follow one another at `src`."""
     cdef Py_ssize_t size
@@ -414,6 +453,8 @@ cdef class Channel:
         self._recv_lock = NULL
         self._ledger = self._own_ledger
         self._warn_unclosed = True
+        self._peer_uid = None
+        self._trusted = False
 
     def __init__(self, fd, bint readable=True, bint writable=True, *,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None, spin=None):
@@ -458,6 +499,7 @@ cdef class Channel:
         self._spin_peeked = False
         self._deferred_handshake = None
         self._pending = None
+        self._pending_sizes = None
         self._send_rest = None
         # TCP_NODELAY: a message is sent when send_bytes() returns, never held back by Nagle.
         # It fails harmlessly on a socket that is not TCP (a socketpair() in tests), but a
@@ -504,14 +546,34 @@ cdef class Channel:
     @classmethod
     def connect(cls, address, *, authkey=None, timeout=None,
                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None, serializer=None,
-                spin=None):
+                spin=None, allow_users=None):
         """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
 
-        `timeout` (seconds) bounds the connection and the handshake.
+        `timeout` (seconds) bounds the connection and the handshake; `allow_users` as for
+        loopfast.Client.
         """
         from .connection import connect
         return connect(address, family=family, authkey=authkey, timeout=timeout,
-                       max_message_size=max_message_size, serializer=serializer, spin=spin)
+                       max_message_size=max_message_size, serializer=serializer, spin=spin,
+                       allow_users=allow_users)
+
+    @property
+    def peer_uid(self):
+        """The uid of the user whose socket is at the other end, as checked when the connection
+        was made (loopfast refuses another user's peer unless allowed: allow_users=), or None
+        where that was not found out (allow_users='any' on a platform that cannot tell)."""
+        return self._peer_uid
+
+    @property
+    def peer_pid(self):
+        """The pid of a process that holds the other end, where the platform tells and this
+        process may see it (Linux: the same user, or root), else None. Looked up on each access
+        (it scans /proc: milliseconds)."""
+        if self.closed:
+            return None
+        from ._peer import peer_pid
+        return peer_pid(self.fileno())
+
 
     @property
     def spin(self):
@@ -571,7 +633,7 @@ cdef class Channel:
         cdef lf_socket_t fd = self._fd
         if fd != LF_INVALID_SOCKET:
             self._fd = LF_INVALID_SOCKET
-            self._pending = None
+            self._pending = self._pending_sizes = None
             self._send_rest = None
             self._deferred_handshake = None
             self._rstart = self._rend = self._head_have = 0
@@ -1060,11 +1122,13 @@ cdef class Channel:
 
     cdef object _take_frame(self, int64_t deadline, bint consumed):
         """Receive the frame whose head _next_head() returned: its payload as bytes (kinds 1 and
-        2) or the list [pickle, buffer, ...] (an object message), each allocated once at its
-        final size *before* anything more is consumed, so that a MemoryError leaves the message
-        where it was (in the socket, or its head in head mode). A frame that is all in the
+        2) or the list [pickle, buffer, ...] (an object message). A frame that is all in the
         window is copied out and then consumed; a longer one is read straight from the socket
-        into its parts (self._pending while it is incomplete)."""
+        into its parts (self._pending while it is incomplete). From a trusted peer each
+        part is allocated once at its final size *before* anything more is consumed, so that a
+        MemoryError leaves the message where it was (in the socket, or its head in head mode);
+        from any other, the parts are allocated as the bytes arrive (_reserve), and a
+        MemoryError leaves the message pending, resumed by the next receive."""
         cdef const unsigned char *h = <const unsigned char *>(
             self._rbuf if consumed else self._rbuf + self._rstart)
         cdef Py_ssize_t length = <Py_ssize_t>lf_load_u64le(h + 8)
@@ -1079,10 +1143,16 @@ cdef class Channel:
             self._deliver(HEADER_SIZE + length)
             self._after_consume()
             return out
-        parts = _object_parts(h) if kind == KIND_OBJECT else \
-            [PyBytes_FromStringAndSize(NULL, length)]
+        sizes = None
+        if not self._trusted:
+            sizes = _part_sizes(h)
+            parts = [None] * (len(sizes) // 8)
+        elif kind == KIND_OBJECT:
+            parts = _object_parts(h)
+        else:
+            parts = [PyBytes_FromStringAndSize(NULL, length)]
         self._consume_head(consumed)
-        self._start_pending(parts, kind)
+        self._start_pending(parts, kind, sizes)
         parts = self._finish_pending(deadline)
         return parts if kind == KIND_OBJECT else parts[0]
 
@@ -1101,11 +1171,46 @@ cdef class Channel:
         self._last_recv_was_empty = False  # the payload is probably queued already
         return 0
 
-    cdef int _start_pending(self, list parts, int kind) except -1:
+    cdef int _start_pending(self, list parts, int kind, object sizes) except -1:
+        """Make `parts` the message being received: allocated at their final sizes (`sizes`
+        None), or allocated by _reserve as the bytes arrive (None until then; `sizes` the table
+        of their final sizes, _part_sizes)."""
         self._pending = parts
+        self._pending_sizes = sizes
         self._pending_part = 0
         self._pending_filled = 0
+        self._pending_received = 0
         self._pending_kind = kind
+        return 0
+
+    cdef Py_ssize_t _pending_size(self, Py_ssize_t i):
+        """The final size of part `i` of the message being received."""
+        if self._pending_sizes is not None:
+            return <Py_ssize_t>lf_load_u64le(
+                <const unsigned char *>PyBytes_AS_STRING(self._pending_sizes) + 8 * i)
+        return _capacity(self._pending[i])
+
+    cdef int _reserve(self) except -1:
+        """Allocate (or grow) the parts of the message being received, from the one being filled
+        on, so that at most max(RESERVE_FLOOR, bytes received so far) is allocated ahead of the
+        bytes received: memory stays proportional to what the peer has sent, whatever its
+        header announced. Each growth at least doubles a part, so the copies of growing bytes
+        parts add up to less than the message."""
+        cdef list parts = self._pending
+        cdef Py_ssize_t budget = max(<Py_ssize_t>RESERVE_FLOOR, self._pending_received)
+        cdef Py_ssize_t ahead = 0, i = self._pending_part, final, filled, cap, want
+        while i < len(parts) and ahead < budget:
+            final = self._pending_size(i)
+            filled = self._pending_filled if i == self._pending_part else 0
+            cap = _capacity(parts[i])
+            if cap < final and filled == max(cap, 0):  # not allocated yet, or full
+                want = min(final, filled + budget - ahead)
+                parts[i] = _grown(parts[i], want, filled, i == 0)
+                cap = want
+            ahead += cap - filled
+            if cap < final:
+                break
+            i += 1
         return 0
 
     cdef object _finish_pending(self, int64_t deadline):
@@ -1114,17 +1219,22 @@ cdef class Channel:
         and return the list. An exception (timeout, Ctrl-C) leaves the progress recorded, so the
         next receive resumes the message."""
         cdef list parts = self._pending
+        cdef bint growing = self._pending_sizes is not None
         cdef lf_iovec iov[PENDING_IOV]
         cdef int niov
         cdef Py_ssize_t i, total, n, size
         cdef object part
         cdef char *p
         while True:
+            if growing:
+                self._reserve()
             niov = 0
             total = 0
             i = self._pending_part
             while i < len(parts) and niov < PENDING_IOV:
                 part = parts[i]
+                if part is None:
+                    break  # not allocated yet: _reserve allocates it once more has arrived
                 if type(part) is bytes:
                     p = PyBytes_AS_STRING(part)
                     size = PyBytes_GET_SIZE(part)
@@ -1143,14 +1253,15 @@ cdef class Channel:
                     self._pending_part += 1  # an empty part, or one just filled
                     self._pending_filled = 0
                 i += 1
+                if growing and _capacity(part) < self._pending_size(i - 1):
+                    break  # the parts after it come after its missing bytes
             if niov == 0:
                 break
             n = self._recv_some_v(iov, niov, total, deadline)
+            self._pending_received += n
             # Record the progress: whole parts filled, then bytes of the next one.
             while n > 0:
-                part = parts[self._pending_part]
-                size = (PyBytes_GET_SIZE(part) if type(part) is bytes
-                        else PyByteArray_GET_SIZE(part)) - self._pending_filled
+                size = self._pending_size(self._pending_part) - self._pending_filled
                 if n >= size:
                     n -= size
                     self._pending_part += 1
@@ -1158,7 +1269,7 @@ cdef class Channel:
                 else:
                     self._pending_filled += n
                     n = 0
-        self._pending = None
+        self._pending = self._pending_sizes = None
         return parts
 
     cdef int _refuse_object(self) except -1:
@@ -1210,7 +1321,7 @@ cdef class Channel:
         if self._pending is not None:
             if self._pending_kind == KIND_OBJECT:
                 self._refuse_object()
-            if maxlength >= 0 and PyBytes_GET_SIZE(self._pending[0]) > maxlength:
+            if maxlength >= 0 and self._pending_size(0) > maxlength:
                 self._bad_message_length()
             return self._finish_pending(deadline)[0]
         consumed = self._next_head(deadline, False)
@@ -1372,8 +1483,8 @@ cdef class Channel:
                         # receive resumes this message. Only this rare path copies.
                         payload = PyBytes_FromStringAndSize(NULL, length)
                         memcpy(PyBytes_AS_STRING(payload), dst, filled)
-                        self._start_pending([payload], kind)
-                        self._pending_filled = filled
+                        self._start_pending([payload], kind, None)
+                        self._pending_filled = self._pending_received = filled
                     raise
                 self._sent_since_recv = False
                 return length

@@ -61,6 +61,7 @@ __all__ = ["Channel"]
 
 # ---- sizes: the same values as the compiled channel (see _channel.pyx for the measurements) ------
 HEADER_SIZE = FRAME_HEADER.size  # 16: kind u8, flags u8, reserved u16, count u32, length u64 (LE)
+_SIZE = struct.Struct("<Q")  # one entry of an object message's size table
 # The window: a copy of the head of the socket's queue, taken with a peek. It holds the largest
 # frame head (an object message's header and size table, 16 + 8 * 8192 = 65,552 bytes) with room
 # to spare.
@@ -71,6 +72,9 @@ RECV_BUFFER_SIZE = 128 * 1024
 PEEK_SIZE = 64 * 1024
 PEEK_SIZE_SHARED = 4096 + HEADER_SIZE
 PENDING_IOV = 64      # a message not all queued is read with scatter reads of this many parts
+# From a peer not trusted (no authkey proved, another user), a message's parts are allocated as
+# its bytes arrive: at most this much, or as much as has arrived if that is more, ahead of them.
+RESERVE_FLOOR = 64 * 1024
 MANY_LOOKS = 4        # recv_bytes_many() looks at the queue at most this many more times a call
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
 BATCH_FLUSH_SIZE = 64 * 1024     # inside batch(), buffered frames are written at this size
@@ -416,6 +420,8 @@ class Channel:
         "_max_message_size_obj",  # as given (int or None), for the property and messages
         "_serializer",       # dumps/loads for send()/recv(); None: pickle protocol 5
         "_warn_unclosed",    # ResourceWarning when collected open (False: a queue's pipe)
+        "_peer_uid",         # the uid of the peer's socket, checked at the handshake
+        "_trusted",          # the peer proved the authkey or is this user: see _reserve
         "_spin",             # the spin setting, kept for API parity (this twin never spins)
         # The kernel's queue holds every message not yet delivered. The window: bytes
         # [_rstart, _rend) of _rbuf are a copy (a peek) of the head of that queue, nothing in it
@@ -438,6 +444,8 @@ class Channel:
         # received, and the frame kind. While the message is incomplete (a timeout interrupted
         # it) it stays here, so the next receive resumes it.
         "_pending", "_pending_part", "_pending_filled", "_pending_kind",
+        "_pending_sizes",    # final sizes of the parts while they grow as bytes arrive, or None
+        "_pending_received",  # bytes of the message's payload received so far
         "_send_rest",        # the unsent tail of a frame whose send was interrupted (bytes or a
                              # memoryview of them), or None
         "_batch_depth", "_batch",  # open batch() blocks; the frames they hold back (bytearray)
@@ -454,6 +462,8 @@ class Channel:
         self._sock = None
         self._serializer = None
         self._warn_unclosed = True
+        self._peer_uid = None
+        self._trusted = False
         self._fd = -1
         self._readable = self._writable = False
         self._deferred_close = None
@@ -492,7 +502,7 @@ class Channel:
         self._last_recv_was_empty = True
         self._sent_since_recv = False
         self._deferred_handshake = None
-        self._pending = None
+        self._pending = self._pending_sizes = None
         self._pending_part = self._pending_filled = 0
         self._pending_kind = 0
         self._send_rest = None
@@ -541,14 +551,34 @@ class Channel:
     @classmethod
     def connect(cls, address, *, authkey=None, timeout=None,
                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, family=None, serializer=None,
-                spin=None):
+                spin=None, allow_users=None):
         """Connect to a loopfast Listener at a loopback (host, port) and return a Channel.
 
-        `timeout` (seconds) bounds the connection and the handshake.
+        `timeout` (seconds) bounds the connection and the handshake; `allow_users` as for
+        loopfast.Client.
         """
         from .connection import connect
         return connect(address, family=family, authkey=authkey, timeout=timeout,
-                       max_message_size=max_message_size, serializer=serializer, spin=spin)
+                       max_message_size=max_message_size, serializer=serializer, spin=spin,
+                       allow_users=allow_users)
+
+    @property
+    def peer_uid(self):
+        """The uid of the user whose socket is at the other end, as checked when the connection
+        was made (loopfast refuses another user's peer unless allowed: allow_users=), or None
+        where that was not found out (allow_users='any' on a platform that cannot tell)."""
+        return self._peer_uid
+
+    @property
+    def peer_pid(self):
+        """The pid of a process that holds the other end, where the platform tells and this
+        process may see it (Linux: the same user, or root), else None. Looked up on each access
+        (it scans /proc: milliseconds)."""
+        if self.closed:
+            return None
+        from ._peer import peer_pid
+        return peer_pid(self.fileno())
+
 
     @property
     def spin(self):
@@ -608,7 +638,7 @@ class Channel:
             if sock is None:
                 return
             self._sock = None
-            self._pending = None
+            self._pending = self._pending_sizes = None
             self._send_rest = None
             self._deferred_handshake = None
             self._rstart = self._rend = self._head_have = 0
@@ -967,13 +997,23 @@ class Channel:
         sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, at + HEADER_SIZE)
         return [bytearray(size) for size in sizes]
 
+    def _part_sizes(self, at):
+        """The sizes of the parts of the frame whose (checked) head is at _rbuf[at:], as a table
+        of 64-bit little-endian sizes (8 bytes a part: the object message's own size table)."""
+        kind, _, _, count, length = FRAME_HEADER.unpack_from(self._rbuf, at)
+        if kind != KIND_OBJECT:
+            return _SIZE.pack(length)
+        return bytes(self._rview[at + HEADER_SIZE:at + HEADER_SIZE + 8 * (count + 1)])
+
     def _take_frame(self, deadline, consumed):
         """Receive the frame whose head _next_head() returned: its payload as bytes (kinds 1 and
-        2) or the list [pickle, buffer, ...] (an object message), each allocated once at its
-        final size *before* anything more is consumed, so that a MemoryError leaves the message
-        where it was (in the socket, or its head in head mode). A frame that is all in the
+        2) or the list [pickle, buffer, ...] (an object message). A frame that is all in the
         window is copied out and then consumed; a longer one is read straight from the socket
-        into its parts (self._pending while it is incomplete)."""
+        into its parts (self._pending while it is incomplete). From a trusted peer each
+        part is allocated once at its final size *before* anything more is consumed, so that a
+        MemoryError leaves the message where it was (in the socket, or its head in head mode);
+        from any other, the parts are allocated as the bytes arrive (_reserve), and a
+        MemoryError leaves the message pending, resumed by the next receive."""
         at = 0 if consumed else self._rstart
         kind, _, _, _, length = FRAME_HEADER.unpack_from(self._rbuf, at)
         if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
@@ -989,13 +1029,17 @@ class Channel:
             self._rstart += HEADER_SIZE + length
             self._after_consume()
             return out
-        if kind == KIND_OBJECT:
+        sizes = None
+        if not self._trusted:
+            sizes = self._part_sizes(at)
+            parts = [None] * (len(sizes) // 8)
+        elif kind == KIND_OBJECT:
             parts = self._object_parts(at)
         else:
             # (An empty payload is always all in the window, unless its header came in pieces.)
             parts = [_new_payload(length) if length else b""]
         self._consume_head(consumed)
-        self._start_pending(parts, kind)
+        self._start_pending(parts, kind, sizes)
         parts = self._finish_pending(deadline)
         return parts if kind == KIND_OBJECT else parts[0]
 
@@ -1009,12 +1053,43 @@ class Channel:
         self._rstart = self._rend = 0
         self._last_recv_was_empty = False  # the payload is probably queued already
 
-    def _start_pending(self, parts, kind):
-        """Make `parts` (buffers allocated at their final sizes) the message being received."""
+    def _start_pending(self, parts, kind, sizes=None):
+        """Make `parts` the message being received: buffers allocated at their final sizes
+        (`sizes` None), or allocated by _reserve as the bytes arrive (None until then; `sizes` the
+        table of their final sizes, _part_sizes)."""
         self._pending = parts
+        self._pending_sizes = sizes
         self._pending_part = 0
         self._pending_filled = 0
+        self._pending_received = 0
         self._pending_kind = kind
+
+    def _pending_size(self, i):
+        """The final size of part `i` of the message being received."""
+        if self._pending_sizes is not None:
+            return _SIZE.unpack_from(self._pending_sizes, 8 * i)[0]
+        return _part_size(self._pending[i])
+
+    def _reserve(self):
+        """Allocate (or grow) the parts of the message being received, from the one being filled
+        on, so that at most max(RESERVE_FLOOR, bytes received so far) is allocated ahead of the
+        bytes received: memory stays proportional to what the peer has sent, whatever its
+        header announced. Parts are bytearrays here, grown in place (a failed growth raises
+        MemoryError and keeps what arrived); _finish_pending makes a payload bytes at the end."""
+        parts = self._pending
+        budget = max(RESERVE_FLOOR, self._pending_received)
+        ahead, i = 0, self._pending_part
+        while i < len(parts) and ahead < budget:
+            filled = self._pending_filled if i == self._pending_part else 0
+            if parts[i] is None:
+                parts[i] = bytearray()
+            part, final = parts[i], self._pending_size(i)
+            if len(part) < final and filled == len(part):  # just allocated, or full
+                part.extend(bytes(min(final, filled + budget - ahead) - filled))
+            ahead += len(part) - filled
+            if len(part) < final:
+                break
+            i += 1
 
     def _finish_pending(self, deadline):
         """Fill the parts of the message being received (self._pending) straight from the
@@ -1022,11 +1097,16 @@ class Channel:
         bytes], an object message as [pickle, buffer, ...]. An exception (timeout, Ctrl-C) leaves
         the progress recorded, so the next receive resumes the message."""
         parts = self._pending
+        sizes = self._pending_sizes
         while True:
+            if sizes is not None:
+                self._reserve()
             views = []
             try:
                 i = self._pending_part
                 while i < len(parts) and len(views) < PENDING_IOV:
+                    if parts[i] is None:
+                        break  # not allocated yet: _reserve allocates it once more has arrived
                     view = _rest_of_part(parts[i], self._pending_filled
                                          if i == self._pending_part else 0)
                     if len(view):
@@ -1037,14 +1117,17 @@ class Channel:
                             self._pending_part += 1
                             self._pending_filled = 0
                     i += 1
+                    if sizes is not None and len(parts[i - 1]) < self._pending_size(i - 1):
+                        break  # the parts after it come after its missing bytes
                 if not views:
                     break
                 n = self._recv_some(views, deadline)
             finally:
                 _release_all(views)
+            self._pending_received += n
             # Record the progress: whole parts filled, then bytes of the next one.
             while n > 0:
-                left = _part_size(parts[self._pending_part]) - self._pending_filled
+                left = self._pending_size(self._pending_part) - self._pending_filled
                 if n >= left:
                     n -= left
                     self._pending_part += 1
@@ -1052,7 +1135,9 @@ class Channel:
                 else:
                     self._pending_filled += n
                     n = 0
-        self._pending = None
+        kind, self._pending, self._pending_sizes = self._pending_kind, None, None
+        if sizes is not None and kind != KIND_OBJECT:
+            return [bytes(parts[0])]  # grown as a bytearray: one copy, for a peer not trusted
         # The payload of _new_payload becomes bytes without a copy (its views are released).
         return [part.getvalue() if isinstance(part, io.BytesIO) else part for part in parts]
 
@@ -1098,7 +1183,7 @@ class Channel:
         if self._pending is not None:
             if self._pending_kind == KIND_OBJECT:
                 self._refuse_object()
-            if maxlength is not None and _part_size(self._pending[0]) > maxlength:
+            if maxlength is not None and self._pending_size(0) > maxlength:
                 self._bad_message_length()
             return self._finish_pending(deadline)[0]
         consumed = self._next_head(deadline, False)
@@ -1253,7 +1338,7 @@ class Channel:
                 with payload.getbuffer() as view:
                     view[:filled] = dst[offset:offset + filled]
                 self._start_pending([payload], kind)
-                self._pending_filled = filled
+                self._pending_filled = self._pending_received = filled
             raise
         self._sent_since_recv = False
         return length

@@ -4,8 +4,8 @@ Every check returns a `Check`: a status ("ok", "warning" or "error"), a one-line
 (what to do) and details for scripts. `run()` runs them all and returns the report that
 ``doctor --json`` prints; `format_text()` turns it into the table the command prints.
 
-Network traffic goes to 127.0.0.1 and ::1 only. The `localhost` check is one getaddrinfo() call
-(the one loopfast itself makes for ``('localhost', port)``); nothing connects to what it returns.
+Network traffic goes to 127.0.0.1 and ::1 only. The `localhost` check reads /etc/hosts only
+(loopfast never resolves a name, so there is no lookup to try).
 ``--port N`` connects to 127.0.0.1:N and [::1]:N, reads at most the 48-byte loopfast hello and
 closes again without sending a byte.
 
@@ -20,6 +20,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import textwrap
 import threading
 import time
@@ -27,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _implementation
-from ._address import Resolver, _is_loopback, _parse_ip, resolve
+from . import _peer
+from ._address import _is_loopback, _parse_ip
 from ._protocol import HELLO, HELLO_FLAG_AUTH, MAGIC, VERSION
 from ._spin import DEFAULT_SPIN_US, get_default_spin, usable_cpus
 from ._version import __version__
 
-__all__ = ["Check", "check_localhost", "check_loopback", "check_port", "format_text",
-           "machine_facts", "measure_round_trips", "run"]
+__all__ = ["Check", "check_localhost", "check_loopback", "check_peer_identity", "check_port",
+           "format_text", "machine_facts", "measure_round_trips", "run"]
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 STATUSES = (OK, WARNING, ERROR)
@@ -202,7 +204,8 @@ def _unblock_accept(address: Tuple[str, int], timeout: float) -> None:
 
 # ---- localhost -----------------------------------------------------------------------------------
 
-def _hosts_lines(path: str) -> List[str]:
+def _hosts_entries(path: str) -> List[Tuple[str, str]]:
+    """(address, line) for each line of the hosts file that names localhost."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
@@ -212,55 +215,77 @@ def _hosts_lines(path: str) -> List[str]:
     for line in lines:
         words = line.split("#", 1)[0].split()
         if len(words) > 1 and any(w.rstrip(".").lower() == "localhost" for w in words[1:]):
-            found.append(line.strip())
+            found.append((words[0], line.strip()))
     return found
 
 
-def check_localhost(resolver: Optional[Resolver] = None,
-                    hosts_file: str = "/etc/hosts") -> Check:
-    """What does `localhost` resolve to, and does loopfast accept it? One getaddrinfo() call;
-    nothing connects anywhere."""
-    resolver = resolver or socket.getaddrinfo
-    details: Dict[str, Any] = {"addresses": [], "accepted_by_loopfast": False}
-    try:
-        infos = list(resolver("localhost", 0, 0, socket.SOCK_STREAM))
-    except socket.gaierror as exc:
-        details["error"] = str(exc)
-        return Check("localhost", "localhost", WARNING,
-                     f"'localhost' does not resolve: {exc}",
-                     "add '127.0.0.1 localhost' and '::1 localhost' to /etc/hosts; meanwhile "
-                     "give loopfast 127.0.0.1 or ::1", details)
+HOSTS_FILE = "/etc/hosts"
+
+
+def check_localhost(hosts_file: Optional[str] = None) -> Check:
+    """What loopfast makes of `localhost` (127.0.0.1, or ::1 with AF_INET6: never a lookup, so
+    never a DNS query), and what the hosts file says other programs get. Reads the file only."""
+    hosts_file = hosts_file or HOSTS_FILE
+    entries = _hosts_entries(hosts_file)
     addresses: List[Dict[str, Any]] = []
-    for info in infos:
-        if info[0] not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        text = str(info[4][0])
-        ip = _parse_ip(text.split("%")[0])
-        entry = {"family": "AF_INET6" if info[0] == socket.AF_INET6 else "AF_INET",
-                 "address": text, "loopback": ip is not None and _is_loopback(ip)}
-        if entry not in addresses:
-            addresses.append(entry)
-    details["addresses"] = addresses
-    mapping = ", ".join(a["address"] + ("" if a["loopback"] else " (not loopback)")
-                        for a in addresses) or "nothing"
-    try:  # the very check Listener(('localhost', port)) and Client make, on the same answer
-        _, sockaddr = resolve(("localhost", 0), resolver=lambda *args: infos)
-    except ValueError as exc:
-        hosts = _hosts_lines(hosts_file)
-        details["refusal"] = str(exc)
-        details["hosts_file"] = {"path": hosts_file, "lines": hosts}
-        where = f". Lines of {hosts_file} that name localhost: " + " | ".join(hosts) \
-            if hosts else ""
+    for address, _ in entries:
+        ip = _parse_ip(address.split("%")[0])
+        addresses.append({"address": address, "loopback": ip is not None and _is_loopback(ip)})
+    details: Dict[str, Any] = {"uses": {"AF_INET": "127.0.0.1", "AF_INET6": "::1"},
+                               "hosts_file": {"path": hosts_file,
+                                              "lines": [line for _, line in entries]},
+                               "addresses": addresses}
+    ours = "loopfast takes 'localhost' as 127.0.0.1 (::1 with family='AF_INET6'), without a lookup"
+    outside = [a["address"] for a in addresses if not a["loopback"]]
+    if outside:
         return Check("localhost", "localhost", WARNING,
-                     f"'localhost' resolves to {mapping}: loopfast refuses it",
-                     "loopfast only uses loopback addresses, so ('localhost', port) raises "
-                     "ValueError here: use 127.0.0.1 or ::1, or map localhost to 127.0.0.1 and "
-                     f"::1 only{where}", details)
-    details["accepted_by_loopfast"] = True
-    details["uses"] = sockaddr[0]
-    return Check("localhost", "localhost", OK,
-                 f"'localhost' resolves to {mapping} (loopback only; loopfast uses "
-                 f"{sockaddr[0]})", "", details)
+                     f"{hosts_file} maps localhost to {', '.join(outside)} (not loopback); "
+                     f"{ours}",
+                     "programs that resolve 'localhost' (a multiprocessing peer, a browser) "
+                     f"reach {', '.join(outside)}: map localhost to 127.0.0.1 and ::1 only. "
+                     "Lines: " + " | ".join(line for _, line in entries), details)
+    mapping = ", ".join(a["address"] for a in addresses) or f"nothing in {hosts_file}"
+    return Check("localhost", "localhost", OK, f"{ours} ({hosts_file}: {mapping})", "", details)
+
+
+def check_peer_identity(timeout: float = DEFAULT_TIMEOUT, queries: int = 200) -> Check:
+    """Whether this machine tells loopfast which user is at the other end of a loopback
+    connection (the same-user rule of Listener and Client), how, and what one query costs."""
+    how = _peer.mechanism()
+    refused = ("Listener and Client refuse every peer they cannot identify: pass "
+               "allow_users='any' (and an authkey) to accept local peers")
+    if how is None:
+        return Check("peer-identity", "peer identity", WARNING,
+                     f"this platform ({sys.platform}) cannot tell a TCP peer's user to loopfast",
+                     refused, {"mechanism": None})
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname(), timeout=timeout) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                try:
+                    first = _peer.peer_identity(accepted.fileno(), timeout)
+                    started = time.perf_counter()
+                    for _ in range(queries):
+                        _peer.peer_identity(accepted.fileno(), timeout)
+                    cost_us = (time.perf_counter() - started) / queries * 1e6
+                except OSError as exc:
+                    return Check("peer-identity", "peer identity", ERROR,
+                                 f"the {how} query fails here: {_error_text(exc)}",
+                                 f"{refused}; on Linux the kernel needs inet_diag "
+                                 "(modprobe inet_diag) and a sandbox must allow NETLINK_SOCK_DIAG",
+                                 {"mechanism": how, "error": _error_text(exc)})
+    me = _peer.local_user()
+    details = {"mechanism": how, "query_us": round(cost_us, 1), "uid": me,
+               "peer_uid": getattr(first, "uid", None)}
+    if not isinstance(first, _peer.PeerIdentity) or first.uid != me:
+        return Check("peer-identity", "peer identity", ERROR,
+                     f"the {how} query did not name this process's own socket (got {first!r})",
+                     f"{refused}; this is unexpected: please report it with this output",
+                     details)
+    return Check("peer-identity", "peer identity", OK,
+                 f"{how}: a peer's user is known at accept and connect ({cost_us:.0f} µs per "
+                 f"query); peers of another user than uid {me} are refused unless allow_users= "
+                 "allows them", "", details)
 
 
 # ---- a given port --------------------------------------------------------------------------------
@@ -692,6 +717,7 @@ def run(port: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
         _guarded("ipv4", "127.0.0.1", lambda: check_loopback("127.0.0.1", timeout)),
         _guarded("ipv6", "::1", lambda: check_loopback("::1", timeout)),
         _guarded("localhost", "localhost", check_localhost),
+        _guarded("peer-identity", "peer identity", lambda: check_peer_identity(timeout)),
     ]
     if port is not None:
         found = _guarded(f"port {port}", f"port {port}", lambda: check_port(port, timeout))

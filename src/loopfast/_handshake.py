@@ -9,9 +9,10 @@ import hashlib
 import hmac
 import os
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Type
+from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional, Type
 
 from ._errors import AuthenticationError, ProtocolError
+from ._peer import HALF_OPEN, check_peer_user, local_user
 from ._protocol import (
     HELLO,
     HELLO_FLAG_AUTH,
@@ -26,10 +27,22 @@ from ._protocol import (
 if TYPE_CHECKING:
     from ._channel import Channel
 
-__all__ = ["Handshake", "handshake", "handshake_pair"]
+__all__ = ["Handshake", "check_authkey", "handshake_pair", "run_handshake"]
 
 LISTENER = "listener"
 CONNECTOR = "connector"
+
+
+def check_authkey(authkey: object) -> None:
+    """An authkey is None (no authentication) or a non-empty byte string."""
+    if authkey is None:
+        return
+    if not isinstance(authkey, bytes):
+        raise TypeError("authkey should be a byte string")
+    if not authkey:
+        raise ValueError(
+            "authkey is empty: an empty key proves nothing (any peer knows it); give a secret "
+            "such as os.urandom(32), or authkey=None for no authentication")
 
 
 class _WouldBlock(Exception):
@@ -38,14 +51,21 @@ class _WouldBlock(Exception):
 
 class Handshake:
     """One side of the handshake on one channel, split into steps so that `Pipe()` can drive
-    both ends of a connection from one thread."""
+    both ends of a connection from one thread.
+
+    `allowed` is the set of uids the peer's socket may belong to (None: any user); the peer's
+    user is checked (`check_peer_user()`) before any byte of the peer is looked at: a listener
+    at accept(), a connector right after connect() or, if the listener's end of the connection
+    is still half-open then, when the listener's first bytes arrive (its end is then complete)."""
 
     def __init__(
-        self, channel: "Channel", authkey: Optional[bytes], role: str, timeout: Optional[float]
+        self, channel: "Channel", authkey: Optional[bytes], role: str, timeout: Optional[float],
+        allowed: Optional[FrozenSet[int]],
     ) -> None:
-        if authkey is not None and not isinstance(authkey, bytes):
-            raise TypeError("authkey should be a byte string")
+        check_authkey(authkey)
         self.channel = channel
+        self.allowed = allowed
+        self.peer_checked = False
         self.authkey = authkey
         self.role = role
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -80,6 +100,9 @@ class Handshake:
                     raise _WouldBlock from None
                 raise TimeoutError("the peer did not complete the loopfast handshake in time") \
                     from None
+            # The peer's first bytes are here (so its end of the connection is complete): who
+            # it is decides before anything it sent is looked at.
+            self.check_peer_user()
             if what is ProtocolError and MAGIC[:len(data)] != data[:len(MAGIC)]:
                 raise ProtocolError(
                     f"the peer is not a loopfast channel: it sent {data[:len(MAGIC)]!r} "
@@ -94,6 +117,19 @@ class Handshake:
 
     def send_hello(self) -> None:
         self._write(self.hello, ProtocolError)
+
+    def check_peer_user(self, wait: bool = True) -> None:
+        """Refuse (AuthenticationError) a peer of a user not allowed; note its uid on the
+        channel (`peer_uid`). With wait=False, a peer end still half-open (just after connect())
+        is left for the check that runs when its first bytes arrive."""
+        if not self.peer_checked:
+            uid = check_peer_user(self.channel.fileno(), self.allowed, 0.1 if wait else 0)
+            if isinstance(uid, str):  # HALF_OPEN: ask again when its bytes arrive
+                return
+            self.channel._peer_uid = uid
+            if uid == local_user():
+                self.channel._trusted = True  # see check_proof
+            self.peer_checked = True
 
     def read_hello(self) -> None:
         data = self._read(HELLO.size, ProtocolError)
@@ -130,6 +166,10 @@ class Handshake:
         expected = self._proof(label, self.peer_hello, self.hello)
         if not hmac.compare_digest(received, expected):
             raise AuthenticationError("digest received was wrong")
+        # Its frames may reserve memory before their bytes arrive (the receive's fast path):
+        # as may this user's, who could end this process anyway; any other peer's frames get
+        # memory only as their bytes arrive.
+        self.channel._trusted = True
 
     def start_deferred(self) -> None:
         """Send this side's hello now and leave the rest to `advance()`, run at the channel's
@@ -169,20 +209,21 @@ def _run(steps: List[Callable[[], None]], channels: List["Channel"]) -> None:
         raise
 
 
-def handshake(
-    channel: "Channel", authkey: Optional[bytes], role: str, timeout: Optional[float]
-) -> None:
-    """Run the whole handshake on `channel`; on any failure the channel is closed."""
-    side = Handshake(channel, authkey, role, timeout)
-    _run([side.send_hello, side.read_hello, side.send_proof, side.check_proof], [channel])
+def run_handshake(side: Handshake) -> None:
+    """Run the whole of `side`'s handshake, blocking; on any failure its channel is closed."""
+    _run([side.send_hello, side.read_hello, side.send_proof, side.check_proof], [side.channel])
 
 
 def handshake_pair(
     listener_end: "Channel", connector_end: "Channel", authkey: bytes, timeout: Optional[float]
 ) -> None:
-    """Run both sides of one connection's handshake in this thread (for `Pipe()`)."""
-    a = Handshake(listener_end, authkey, LISTENER, timeout)
-    b = Handshake(connector_end, authkey, CONNECTOR, timeout)
+    """Run both sides of one connection's handshake in this thread (for `Pipe()`: both ends are
+    this process's own, so each one's peer is this user)."""
+    a = Handshake(listener_end, authkey, LISTENER, timeout, None)
+    b = Handshake(connector_end, authkey, CONNECTOR, timeout, None)
+    for side in (a, b):
+        side.channel._peer_uid = local_user()
+        side.peer_checked = True
     _run([a.send_hello, b.send_hello, a.read_hello, b.read_hello,
           a.send_proof, b.send_proof, a.check_proof, b.check_proof],
          [listener_end, connector_end])

@@ -32,7 +32,8 @@ def _state(channel: Channel) -> Tuple[Any, ...]:
     if isinstance(serializer, types.ModuleType):
         serializer = _ModuleRef(serializer.__name__)
     options = {"max_message_size": channel.max_message_size, "serializer": serializer,
-               "spin": channel.spin, "warn_unclosed": channel._warn_unclosed}
+               "spin": channel.spin, "warn_unclosed": channel._warn_unclosed,
+               "peer_uid": channel._peer_uid, "trusted": channel._trusted}
     return channel.readable, channel.writable, options
 
 
@@ -40,8 +41,12 @@ def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any]) -
     if isinstance(options["serializer"], _ModuleRef):
         options["serializer"] = options["serializer"].load()
     warn_unclosed = options.pop("warn_unclosed", True)
+    peer_uid = options.pop("peer_uid", None)
+    trusted = options.pop("trusted", False)
     channel = Channel(fd, readable, writable, **options)
     channel._warn_unclosed = warn_unclosed
+    channel._peer_uid = peer_uid
+    channel._trusted = trusted
     channel._mark_shared()
     return channel
 

@@ -72,10 +72,11 @@ from typing import (
 )
 
 from ._address import check_peer, resolve
-from ._handshake import CONNECTOR, LISTENER, Handshake
+from ._handshake import CONNECTOR, LISTENER, Handshake, check_authkey
 from ._implementation import Channel
+from ._peer import AllowUsers, allowed_users
 from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
-from .connection import Address, Serializer, _check_authkey
+from .connection import ACCEPT_BURST, ACCEPT_PAUSE, _OUT_OF_RESOURCES, Address, Serializer
 from .connection import Listener as _SyncListener
 
 if TYPE_CHECKING:
@@ -527,12 +528,11 @@ class AsyncChannel:
 
 # ---- the handshake, driven from the event loop ---------------------------------------------------
 
-async def _handshake(achannel: AsyncChannel, authkey: Optional[bytes], role: str,
+async def _handshake(side: Handshake, achannel: AsyncChannel,
                      timeout: Optional[float]) -> None:
     """The loopfast handshake, the sync one's steps (_handshake.Handshake.advance: nonblocking,
     each read resumed where it stopped) run whenever the socket has something new, so that
     nothing blocks the loop."""
-    side = Handshake(achannel.channel, authkey, role, timeout)
 
     async def steps() -> None:
         while not side.advance():
@@ -561,16 +561,20 @@ async def open_channel(
     handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
     serializer: Optional[Serializer] = None,
     spin: Optional[float] = 0,
+    allow_users: AllowUsers = None,
 ) -> AsyncChannel:
     """Connect to a loopfast Listener (sync or asyncio) at a loopback (host, port) and return an
     AsyncChannel. The connection and the handshake (authentication with `authkey`) run on the
     event loop, no thread; `handshake_timeout` bounds both (TimeoutError).
 
     Addresses are checked as by loopfast.Client: anything that is not loopback is refused
-    (ValueError) before a socket is made. AuthenticationError if the keys differ.
+    (ValueError) before a socket is made. AuthenticationError if the keys differ, or if the
+    listener's socket belongs to another user than this one (or `allow_users`: a collection of
+    uids, or 'any').
     `spin` is the underlying channel's (unused by the asyncio calls, which never wait in the core;
     it matters only if you use `.channel` synchronously)."""
-    _check_authkey(authkey)
+    check_authkey(authkey)
+    allowed = allowed_users(allow_users)
     fam, sockaddr = resolve(address, family)
     loop = _running_loop()
     start = time.monotonic()
@@ -591,7 +595,9 @@ async def open_channel(
     remaining = (None if handshake_timeout is None
                  else handshake_timeout - (time.monotonic() - start))
     try:
-        await _handshake(achannel, authkey, CONNECTOR, remaining)
+        side = Handshake(channel, authkey, CONNECTOR, remaining, allowed)
+        side.check_peer_user(wait=False)  # else when the listener's first bytes arrive
+        await _handshake(side, achannel, remaining)
     except BaseException:
         achannel.close()
         raise
@@ -621,12 +627,15 @@ class Listener:
         handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
         serializer: Optional[Serializer] = None,
         spin: Optional[float] = 0,
+        allow_users: AllowUsers = None,
     ) -> None:
         # The sync Listener binds (one place checks addresses); we accept from its socket.
         self._listener = _SyncListener(address, family, backlog, authkey,
                                        max_message_size=max_message_size,
                                        handshake_timeout=handshake_timeout,
-                                       serializer=serializer, spin=spin)
+                                       serializer=serializer, spin=spin,
+                                       allow_users=allow_users)
+        self._allowed = allowed_users(allow_users)
         sock = self._listener._socket
         assert sock is not None
         sock.setblocking(False)
@@ -641,6 +650,12 @@ class Listener:
         # -> the channel it handshakes.
         self._handshakes: Dict[asyncio.Future[Tuple[AsyncChannel, Tuple[str, int]]],
                                AsyncChannel] = {}
+        # Handshake tasks that have ended, in order, not yet reported by accept(); the future
+        # an accept() waiting is woken by; the end of a pause in accepting (EMFILE).
+        self._finished: Deque[asyncio.Future[Tuple[AsyncChannel, Tuple[str, int]]]] = \
+            collections.deque()
+        self._wake: Optional[asyncio.Future[None]] = None
+        self._paused_until: Optional[float] = None
 
     async def accept(self) -> AsyncChannel:
         """Wait for a client, run the handshake (and authentication) and return its channel.
@@ -653,34 +668,64 @@ class Listener:
             raise OSError("listener is closed")
         if self._ready is None:
             self._ready = _Readiness(_running_loop(), self._sock.fileno())
+        loop = _running_loop()
         while True:
-            for task in self._handshakes:
-                if task.done():
-                    del self._handshakes[task]
-                    achannel, peer = task.result()  # raises what the handshake raised
-                    self._last_accepted = peer
-                    return achannel
-            self._accept_waiting()
-            if any(task.done() for task in self._handshakes):
-                continue
-            readable = self._ready.reader()
-            waiting: List[asyncio.Future[Any]] = [readable, *self._handshakes]
+            if self._finished:
+                task = self._finished.popleft()
+                if self._handshakes.pop(task, None) is None:
+                    continue  # closed meanwhile
+                achannel, peer = task.result()  # raises what the handshake raised
+                self._last_accepted = peer
+                return achannel
+            now = loop.time()
+            if self._paused_until is not None and now >= self._paused_until:
+                self._paused_until = None
+            if self._paused_until is None:
+                self._accept_waiting()
+                if self._finished:
+                    continue
+            # Wait for a new connection (unless accepting is paused), a handshake that ends,
+            # or the end of the pause: a wake-up costs the same however many are pending.
+            wake = self._wake = loop.create_future()
+            waiting: List[asyncio.Future[Any]] = [wake]
+            readable = None
+            if self._paused_until is None:
+                readable = self._ready.reader()
+                waiting.append(readable)
             try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waiting, return_when=asyncio.FIRST_COMPLETED,
+                    timeout=None if self._paused_until is None else self._paused_until - now)
             finally:
-                self._ready.forget_reader(readable)
+                self._wake = None
+                wake.cancel()
+                if readable is not None:
+                    self._ready.forget_reader(readable)
             if self._sock is None:
                 raise OSError("listener is closed (while accept() waited)")
 
+    def _handshake_ended(self, task: "asyncio.Future[Any]") -> None:
+        self._finished.append(task)
+        self._paused_until = None  # a failed one freed a descriptor; a good one may follow
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
     def _accept_waiting(self) -> None:
-        """Accept every connection waiting in the backlog; start a handshake task for each."""
+        """Accept the connections waiting in the backlog (ACCEPT_BURST at most); start a
+        handshake task for each. Out of descriptors (EMFILE), accepting pauses for a moment,
+        while the handshakes under way go on."""
         sock = self._sock
         assert sock is not None
-        while True:
+        for _ in range(ACCEPT_BURST):
             try:
                 conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._paused_until = _running_loop().time() + ACCEPT_PAUSE
+                    return
+                raise
             try:
                 check_peer(peer)
                 channel = Channel(conn.fileno(), **self._options)
@@ -689,13 +734,17 @@ class Listener:
                 raise
             conn.detach()
             achannel = AsyncChannel(channel)
-            task = asyncio.ensure_future(self._handshake(achannel, peer[:2]))
+            side = Handshake(channel, self._authkey, LISTENER, self._handshake_timeout,
+                             self._allowed)
+            task = asyncio.ensure_future(self._handshake(side, achannel, peer[:2]))
             self._handshakes[task] = achannel
+            task.add_done_callback(self._handshake_ended)
 
-    async def _handshake(self, achannel: AsyncChannel,
+    async def _handshake(self, side: Handshake, achannel: AsyncChannel,
                          peer: Tuple[str, int]) -> Tuple[AsyncChannel, Tuple[str, int]]:
         try:
-            await _handshake(achannel, self._authkey, LISTENER, self._handshake_timeout)
+            side.check_peer_user()  # before anything the peer sent is read
+            await _handshake(side, achannel, self._handshake_timeout)
         except BaseException:
             self._last_accepted = peer  # as multiprocessing: set for a failed client too
             achannel.close()
@@ -774,9 +823,12 @@ async def start_listener(
     handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
     serializer: Optional[Serializer] = None,
     spin: Optional[float] = 0,
+    allow_users: AllowUsers = None,
 ) -> Listener:
     """Bind a `Listener` on a loopback address (default ('127.0.0.1', 0): read the port from
-    `.address`) and return it; ``await listener.accept()`` for each client."""
+    `.address`) and return it; ``await listener.accept()`` for each client (of this user, or of
+    `allow_users`, as loopfast.Listener)."""
     _running_loop()
     return Listener(address, family, backlog, authkey, max_message_size=max_message_size,
-                    handshake_timeout=handshake_timeout, serializer=serializer, spin=spin)
+                    handshake_timeout=handshake_timeout, serializer=serializer, spin=spin,
+                    allow_users=allow_users)

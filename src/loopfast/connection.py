@@ -5,6 +5,8 @@ semantics; ``Channel`` plays the part of ``multiprocessing.connection.Connection
 under that name). Differences are listed in README.md ("Migrating from multiprocessing").
 """
 
+import collections
+import errno
 import multiprocessing.connection
 import os
 import select
@@ -13,13 +15,21 @@ import socket
 import threading
 import time
 from types import TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple, Type, Union
+from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, resolve
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
-from ._handshake import CONNECTOR, LISTENER, Handshake, handshake, handshake_pair
+from ._handshake import (
+    CONNECTOR,
+    LISTENER,
+    Handshake,
+    check_authkey,
+    handshake_pair,
+    run_handshake,
+)
 from ._implementation import CHANNEL_TYPES, Channel
+from ._peer import AllowUsers, allowed_users
 from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from ._spin import channel_spin
 
@@ -36,6 +46,11 @@ __all__ = [
 ]
 
 Connection = Channel
+
+ACCEPT_BURST = 64  # connections accept() takes from the backlog per wake-up, at most
+ACCEPT_PAUSE = 0.1  # seconds accepting waits after EMFILE (unless a descriptor is freed first)
+EXPIRY_BATCH = 0.01  # handshakes that expire this close together are closed (and reported) as one
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
 
@@ -47,18 +62,22 @@ class Serializer(Protocol):
     def loads(self, data: bytes, /) -> Any: ...
 
 
-def _check_authkey(authkey: object) -> None:
-    if authkey is not None and not isinstance(authkey, bytes):
-        raise TypeError("authkey should be a byte string")
-
-
 class Listener:
-    """A listening socket on a loopback address that hands out authenticated channels.
+    """A listening socket on a loopback address that hands out channels to clients of the same
+    user (and, with an `authkey`, only to clients that prove they know it).
 
     ``Listener(address=None, family=None, backlog=1, authkey=None)``: the default address is
     ``('127.0.0.1', 0)``, or ``('::1', 0)`` with ``family='AF_INET6'`` (port 0: the system picks
-    a free port; read it from ``.address``). With an `authkey`, every client must prove it knows
-    the same key before any message is delivered.
+    a free port; read it from ``.address``).
+
+    Any local process can connect to a loopback port, so each connection's peer is identified
+    at accept(), before a byte it sent is read: by default a client whose socket belongs to
+    another user is refused (AuthenticationError naming both users), which is the guarantee
+    multiprocessing's default Listener (a Unix socket in a private directory) gives.
+    `allow_users` widens it: a collection of uids (this user is always allowed), or ``'any'``
+    for any local user (then only an `authkey` keeps other users out). With an `authkey`, every
+    client must also prove it knows the same key before any message is delivered: only then is
+    the channel authenticated.
     """
 
     def __init__(
@@ -72,8 +91,10 @@ class Listener:
         handshake_timeout: Optional[float] = DEFAULT_HANDSHAKE_TIMEOUT,
         serializer: Optional[Serializer] = None,
         spin: Optional[float] = None,
+        allow_users: AllowUsers = None,
     ) -> None:
-        _check_authkey(authkey)
+        check_authkey(authkey)
+        self._allowed = allowed_users(allow_users)
         fam = family_from_name(family)
         if address is None:
             address = ("::1", 0) if fam == socket.AF_INET6 else ("127.0.0.1", 0)
@@ -85,7 +106,7 @@ class Listener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(sockaddr)
             sock.listen(backlog)
-            sock.setblocking(False)  # accept() waits in a selector (see _next_handshaken)
+            sock.setblocking(False)  # accept() waits in a selector (see _wait_and_handle)
         except BaseException:
             sock.close()
             raise
@@ -97,9 +118,18 @@ class Listener:
         self._options: Dict[str, Any] = {
             "max_message_size": max_message_size, "serializer": serializer, "spin": spin}
         self._last_accepted: Optional[Tuple[str, int]] = None
-        # Connections accepted whose handshake is under way (see accept()), and their peers.
-        self._handshakes: List[Handshake] = []
-        self._peers: Dict[Handshake, Tuple[str, int]] = {}
+        # Connections accepted whose handshake is under way -> their peers' addresses, in the
+        # order they were accepted, which is the order of their deadlines (one timeout for all).
+        self._handshakes: Dict[Handshake, Tuple[str, int]] = {}
+        # Handshakes finished, and failed, not yet reported by accept(): (channel or exception,
+        # peer). A completed handshake is returned before a failure is raised.
+        self._done: Deque[Tuple[Channel, Tuple[str, int]]] = collections.deque()
+        self._failed: Deque[Tuple[BaseException, Tuple[str, int]]] = collections.deque()
+        # One selector for the listener's life (made at the first accept()): the listening
+        # socket and every handshake's socket stay registered, so a wake-up costs what happened,
+        # not how many connections are pending.
+        self._selector: Optional[selectors.BaseSelector] = None
+        self._paused_until: Optional[float] = None  # out of descriptors: accepting waits
         self._accepting = threading.Lock()  # one accept() at a time
 
     def accept(self) -> Channel:
@@ -110,81 +140,154 @@ class Listener:
         client that never sends a hello holds up no one; after `handshake_timeout` its
         connection is closed and accept() raises TimeoutError). A handshake that fails raises
         here (AuthenticationError, ProtocolError, TimeoutError), as multiprocessing's accept()
-        does; the handshakes still under way wait for the next call."""
+        does; the handshakes still under way wait for the next call.
+
+        Expired handshakes are closed whatever else happens, and when the process runs out of
+        descriptors (EMFILE) accepting pauses for a moment (or until a descriptor is freed)
+        instead of retrying at once: the handshakes under way go on meanwhile."""
         with self._accepting:
             while True:
+                if self._done:
+                    channel, self._last_accepted = self._done.popleft()
+                    return channel
+                if self._failed:
+                    # As multiprocessing: last_accepted is set for a failed client too.
+                    error, self._last_accepted = self._failed.popleft()
+                    raise error
                 if self._socket is None:
                     raise OSError("listener is closed")
-                channel = self._next_handshaken()
-                if channel is not None:
-                    return channel
+                try:
+                    self._wait_and_handle()
+                except (OSError, ValueError):
+                    if self._socket is None:  # closed by another thread while this one waited
+                        raise OSError("listener is closed") from None
+                    raise
 
-    def _next_handshaken(self) -> Optional[Channel]:
-        """Wait for one event (a new connection, handshake bytes, a handshake deadline): the
-        channel whose handshake it completed, or None."""
+    def _wait_and_handle(self) -> None:
+        """Wait for events (a new connection, handshake bytes, a deadline, the end of a pause)
+        and handle them: finished or failed handshakes go to _done and _failed."""
         assert self._socket is not None
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._socket, selectors.EVENT_READ, None)
         now = time.monotonic()
-        timeout = None
-        for side in self._handshakes:
-            if side.deadline is not None:
-                left = max(0.0, side.deadline - now)
-                timeout = left if timeout is None else min(timeout, left)
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._socket, selectors.EVENT_READ, None)
-            for side in self._handshakes:
-                selector.register(side.channel.fileno(), selectors.EVENT_READ, side)
-            events = selector.select(timeout)
-        sides: List[Handshake] = [key.data for key, _ in events if key.data is not None]
-        if any(key.data is None for key, _ in events):
-            new = self._accept_connection()
-            if new is not None:
-                sides.append(new)
-        now = time.monotonic()
-        sides += [side for side in self._handshakes
-                  if side.deadline is not None and side.deadline <= now and side not in sides]
-        for side in sides:
-            try:
-                done = side.advance()
-            except BaseException:
-                self._handshakes.remove(side)
-                self._last_accepted = self._peers.pop(side)  # as multiprocessing: set on failure
-                side.channel.close()
+        self._expire(now + EXPIRY_BATCH)
+        if self._paused_until is not None and now >= self._paused_until:
+            self._resume_accepting()
+        if self._done or self._failed:
+            return
+        timeout: Optional[float] = None
+        first = next(iter(self._handshakes), None)  # the earliest deadline
+        if first is not None and first.deadline is not None:
+            timeout = max(0.0, first.deadline - now)
+        if self._paused_until is not None:
+            pause = max(0.0, self._paused_until - now)
+            timeout = pause if timeout is None else min(timeout, pause)
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                self._accept_waiting()
+            elif key.data in self._handshakes:
+                self._advance(key.data)
+
+    def _expire(self, now: float) -> None:
+        expired = []
+        for side in self._handshakes:  # in deadline order: stop at the first still running
+            if side.deadline is None or side.deadline > now:
+                break
+            expired.append(side)
+        for side in expired:
+            peer = self._drop(side)
+        if expired:
+            what = ("the peer did not" if len(expired) == 1
+                    else f"{len(expired)} peers did not")
+            self._failed.append((TimeoutError(
+                f"{what} complete the loopfast handshake in time "
+                f"({self._handshake_timeout:g} s): disconnected"), peer))
+
+    def _drop(self, side: Handshake) -> Tuple[str, int]:
+        """Stop waiting on a handshake and close its connection; its peer's address."""
+        assert self._selector is not None
+        self._selector.unregister(side.channel.fileno())
+        side.channel.close()
+        self._resume_accepting()  # a descriptor is free again
+        return self._handshakes.pop(side)
+
+    def _advance(self, side: Handshake) -> None:
+        try:
+            done = side.advance()
+        except BaseException as exc:
+            peer = self._drop(side)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: at once
+                self._last_accepted = peer
                 raise
-            if done:
-                self._handshakes.remove(side)
-                self._last_accepted = self._peers.pop(side)
-                channel: Channel = side.channel
-                return channel
-        return None
+            self._failed.append((exc, peer))
+            return
+        if done:
+            assert self._selector is not None
+            self._selector.unregister(side.channel.fileno())
+            self._done.append((side.channel, self._handshakes.pop(side)))
 
-    def _accept_connection(self) -> Optional[Handshake]:
-        assert self._socket is not None
-        try:
-            sock, peer = self._socket.accept()
-        except (BlockingIOError, InterruptedError):
-            return None  # the connection went away before it was accepted
-        try:
-            check_peer(peer)
-            channel = Channel(sock.fileno(), **self._options)
-        except BaseException:
-            sock.close()
-            raise
-        sock.detach()
-        side = Handshake(channel, self._authkey, LISTENER, self._handshake_timeout)
-        self._handshakes.append(side)
-        self._peers[side] = peer[:2]
-        return side
+    def _accept_waiting(self) -> None:
+        """Accept the connections waiting in the backlog (ACCEPT_BURST at most) and start
+        their handshakes."""
+        assert self._socket is not None and self._selector is not None
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, peer = self._socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting()
+                    return
+                raise
+            try:
+                check_peer(peer)
+                channel = Channel(sock.fileno(), **self._options)
+            except Exception as exc:
+                sock.close()
+                self._failed.append((exc, peer[:2]))
+                continue
+            sock.detach()
+            side = Handshake(channel, self._authkey, LISTENER, self._handshake_timeout,
+                             self._allowed)
+            try:
+                side.check_peer_user()  # before anything the peer sent is read
+            except Exception as exc:
+                channel.close()
+                self._failed.append((exc, peer[:2]))
+                continue
+            self._handshakes[side] = peer[:2]
+            self._selector.register(channel.fileno(), selectors.EVENT_READ, side)
+            self._advance(side)  # send the hello; its own may be here already
+
+    def _pause_accepting(self) -> None:
+        if self._paused_until is None:
+            assert self._selector is not None and self._socket is not None
+            self._selector.unregister(self._socket)
+        self._paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def _resume_accepting(self) -> None:
+        if self._paused_until is not None:
+            self._paused_until = None
+            if self._selector is not None and self._socket is not None:
+                self._selector.register(self._socket, selectors.EVENT_READ, None)
 
     def close(self) -> None:
         """Stop listening. Channels already accepted stay open; connections whose handshake had
         not finished are closed."""
         sock, self._socket = self._socket, None
+        selector, self._selector = self._selector, None
+        if selector is not None:
+            selector.close()
         if sock is not None:
             sock.close()
-        handshakes, self._handshakes = self._handshakes, []
-        self._peers.clear()
+        handshakes, self._handshakes = self._handshakes, {}
         for side in handshakes:
             side.channel.close()
+        while self._done:
+            self._done.popleft()[0].close()
+        self._failed.clear()
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -221,8 +324,12 @@ def connect(
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     serializer: Optional[Serializer] = None,
     spin: Optional[float] = None,
+    allow_users: AllowUsers = None,
 ) -> Channel:
     """Connect to a loopfast Listener at a loopback `address` and return a Channel.
+
+    The listener's socket must belong to this user (or to one of `allow_users`; ``'any'``: any
+    user), checked when its first bytes arrive, before they are read (AuthenticationError).
 
     `timeout` bounds the connection and, with an `authkey`, the handshake (default: the
     handshake timeout). Without an `authkey` this returns once connected, as multiprocessing's
@@ -231,7 +338,8 @@ def connect(
     succeeded. With an `authkey` the exchange needs both sides, so this waits for the
     listener's accept().
     """
-    _check_authkey(authkey)
+    check_authkey(authkey)
+    allowed = allowed_users(allow_users)
     fam, sockaddr = resolve(address, family)
     limit = DEFAULT_HANDSHAKE_TIMEOUT if timeout is None else timeout
     start = time.monotonic()
@@ -244,16 +352,20 @@ def connect(
         raise
     channel = Channel(sock.detach(), max_message_size=max_message_size, serializer=serializer,
                       spin=spin)
-    if authkey is None:
-        side = Handshake(channel, None, CONNECTOR, None)
-        try:
+    remaining = max(0.0, limit - (time.monotonic() - start))
+    side = Handshake(channel, authkey, CONNECTOR, None if authkey is None else remaining,
+                     allowed)
+    try:
+        side.check_peer_user(wait=False)
+        if authkey is None:
             side.start_deferred()
-        except BaseException:
-            channel.close()
-            raise
+    except BaseException:
+        channel.close()
+        raise
+    if authkey is None:
         channel._defer_handshake(side)
         return channel
-    handshake(channel, authkey, CONNECTOR, max(0.0, limit - (time.monotonic() - start)))
+    run_handshake(side)
     return channel
 
 
@@ -266,10 +378,13 @@ def Client(
     timeout: Optional[float] = None,
     serializer: Optional[Serializer] = None,
     spin: Optional[float] = None,
+    allow_users: AllowUsers = None,
 ) -> Channel:
-    """Connect to a Listener at `address` and return a Channel (as multiprocessing's Client)."""
+    """Connect to a Listener at `address` and return a Channel (as multiprocessing's Client).
+    The listener must run as this user, or as one of `allow_users` (``'any'``: any user)."""
     return connect(address, family=family, authkey=authkey, timeout=timeout,
-                   max_message_size=max_message_size, serializer=serializer, spin=spin)
+                   max_message_size=max_message_size, serializer=serializer, spin=spin,
+                   allow_users=allow_users)
 
 
 def Pipe(
