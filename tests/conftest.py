@@ -20,6 +20,11 @@ try:
     from loopfast import _channel
 except ImportError:  # no compiled extension: only the twin can be tested
     _channel = None
+else:
+    # Under LOOPFAST_NO_EXTENSIONS loopfast itself never imports the compiled core; the suite
+    # tests both side by side, so it makes the compiled class known to this process too.
+    from loopfast._implementation import adopt
+    adopt(_channel.Channel)
 
 # Upper bounds for waits that should normally end within milliseconds. They only stop a broken
 # test from hanging; no test outcome depends on how long anything takes.
@@ -37,6 +42,16 @@ PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct("<BBHIQ")
 KIND_BYTES = 1
 KIND_PICKLE = 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `compiled` are skipped, with the reason, where the extension is not built."""
+    if _channel is not None:
+        return
+    skip = pytest.mark.skip(reason="the compiled extension is not built")
+    for item in items:
+        if "compiled" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_report_header(config):

@@ -1,7 +1,7 @@
 """A Listener under a flood of silent connections: it runs out of descriptors (RLIMIT_NOFILE in
 the server process), expired handshakes are dropped whatever accept(2) says, good clients get in,
 and it recovers once the flood has gone. The server is a process of its own
-(tests/listener_server.py); everything talks to 127.0.0.1 only. No outcome depends on timing:
+(loopfast._bench_accept's server); everything talks to 127.0.0.1 only. No outcome depends on timing:
 the figures (a good client's wait, the server's CPU) are the bench's (benchmarks/)."""
 
 import json
@@ -10,21 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import loopfast
 
-SERVER = Path(__file__).with_name("listener_server.py")
 pytestmark = pytest.mark.timeout(180)
 
 
 class Server:
     def __init__(self, nofile, handshake_timeout, mode="sync"):
-        args = [sys.executable, str(SERVER), str(nofile), str(handshake_timeout)]
-        if mode == "aio":
-            args.append("aio")
+        args = [sys.executable, "-m", "loopfast._bench_accept", "--serve", str(nofile),
+                str(handshake_timeout)] + (["--aio"] if mode == "aio" else [])
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         self.address = ("127.0.0.1", int(self.process.stdout.readline()))
 

@@ -284,15 +284,19 @@ def test_peer_pid_names_the_child_process():
             target=_client_reports_pid, args=(listener.address, results))
         process.start()
         with listener.accept() as server:
+            # Until accept() a connection is held by no process: the client asks only after
+            # this message, and this end stays open until it has answered.
+            server.send("accepted")
             assert server.recv(timeout=TIMEOUT) == process.pid
             assert server.peer_pid == process.pid
+            assert results.get() == os.getpid()
             server.send("done")
         process.join(TIMEOUT)
-        assert results.get() == os.getpid()
 
 
 def _client_reports_pid(address, results):
     with loopfast.Client(address, timeout=TIMEOUT) as channel:
+        assert channel.recv(timeout=TIMEOUT) == "accepted"
         channel.send(os.getpid())
         results.put(channel.peer_pid)
         channel.recv(timeout=TIMEOUT)

@@ -27,9 +27,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from loopfast import ProtocolError, _channel, _channel_py  # noqa: E402
+from conftest import IMPLEMENTATIONS  # noqa: E402  (the twin, and the compiled core if built)
 
-IMPLEMENTATIONS = {"compiled": _channel.Channel, "pure": _channel_py.Channel}
+from loopfast import ProtocolError  # noqa: E402
 
 # The wire format, written out from docs/protocol.md rather than imported from loopfast.
 FRAME_HEADER = struct.Struct("<BBHIQ")

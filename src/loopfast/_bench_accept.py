@@ -9,6 +9,7 @@ The server runs in a process of its own (``--serve``).
 """
 
 import argparse
+import asyncio
 import json
 import os
 import resource
@@ -23,14 +24,16 @@ from ._implementation import Channel
 from .connection import Client, Listener
 
 
-def _serve(nofile: int, timeout: float) -> None:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    # A given limit (the exhaustion probe), else all the descriptors allowed (a flood of 2,000).
-    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile or hard, hard))
+def _report(served: int, errors: Dict[str, int], started: float) -> bytes:
+    return json.dumps({"served": served, "errors": errors,
+                       "cpu": time.process_time() - started}).encode()
+
+
+def _serve_sync(timeout: float) -> None:
     listener = Listener(backlog=4096, handshake_timeout=timeout)
     print(listener.address[1], flush=True)
+    served, started = 0, time.process_time()
     errors: Dict[str, int] = {}
-    served = 0
     while True:
         try:
             channel = listener.accept()
@@ -42,14 +45,53 @@ def _serve(nofile: int, timeout: float) -> None:
                 message = channel.recv_bytes(timeout=30)
             except Exception:
                 continue
-            if message == b"cpu":
-                channel.send_bytes(json.dumps({"cpu": time.process_time(), "served": served,
-                                               "errors": errors}).encode())
+            if message in (b"report", b"stop"):
+                channel.send_bytes(_report(served, errors, started))
+                if message == b"stop":
+                    return
                 continue
-            if message == b"stop":
-                return
             channel.send_bytes(message)
             served += 1
+
+
+async def _serve_aio(timeout: float) -> None:
+    from . import aio
+    listener = await aio.start_listener(backlog=4096, handshake_timeout=timeout)
+    print(listener.address[1], flush=True)
+    served, started = 0, time.process_time()
+    errors: Dict[str, int] = {}
+    while True:
+        try:
+            channel = await listener.accept()
+        except Exception as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            continue
+        async with channel:
+            try:
+                message = await asyncio.wait_for(channel.recv_bytes(), 30)
+            except Exception:
+                continue
+            if message in (b"report", b"stop"):
+                await channel.send_bytes(_report(served, errors, started))
+                if message == b"stop":
+                    return
+                continue
+            await channel.send_bytes(message)
+            served += 1
+
+
+def serve(nofile: int, timeout: float, mode: str = "sync") -> None:
+    """A Listener (``mode`` "sync" or "aio") echoing clients in this process, limited to
+    `nofile` descriptors (0: all allowed); prints its port, then serves. b"report" gets a JSON
+    report (clients served, accept()'s exceptions by type, CPU seconds used); b"stop" the same,
+    and the server ends. The bench's server, and the load tests' (tests/test_listener_load.py)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # A given limit (the exhaustion probe), else all the descriptors allowed (a flood of 2,000).
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile or hard, hard))
+    if mode == "aio":
+        asyncio.run(_serve_aio(timeout))
+    else:
+        _serve_sync(timeout)
 
 
 class _Server:
@@ -69,7 +111,7 @@ class _Server:
 
     def state(self) -> Dict[str, Any]:
         with Client(self.address, timeout=60) as client:
-            client.send_bytes(b"cpu")
+            client.send_bytes(b"report")
             result: Dict[str, Any] = json.loads(client.recv_bytes(timeout=60))
             return result
 
@@ -195,12 +237,14 @@ def exhaustion(nofile: int = 128, silent: int = 300, good: int = 17,
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loopfast._bench_accept",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve", nargs=2, metavar=("NOFILE", "TIMEOUT"))
+    parser.add_argument("--serve", nargs=2, metavar=("NOFILE", "TIMEOUT"),
+                        help="run the echo server (NOFILE descriptors, 0: all) and exit")
+    parser.add_argument("--aio", action="store_true", help="with --serve: loopfast.aio's Listener")
     parser.add_argument("--silent", type=int, nargs="*", default=[0, 500, 1000, 2000])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.serve:
-        _serve(int(args.serve[0]), float(args.serve[1]))
+        serve(int(args.serve[0]), float(args.serve[1]), "aio" if args.aio else "sync")
         return 0
     report: Dict[str, Any] = {"identity": identity_costs(),
               "flood": [flood(n) for n in args.silent],

@@ -1,7 +1,7 @@
 """Type stub for the compiled channel (_channel.pyx); the pure-Python twin has the same API."""
 
 from types import TracebackType
-from typing import Any, ContextManager, Iterable, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, ContextManager, Dict, Iterable, List, Optional, Tuple, Type, TypeVar, Union
 
 from typing_extensions import Buffer
 
@@ -86,5 +86,7 @@ class Channel:
     _warn_unclosed: bool
     _peer_uid: Optional[int]
     _trusted: bool  # the peer proved the authkey or is this user: frames reserve memory up front
+
+WIRE_CONSTANTS: Dict[str, int]
 
 def _set_default_spin_ns(nanoseconds: int) -> None: ...

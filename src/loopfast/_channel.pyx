@@ -34,16 +34,14 @@ from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
 
 # ---- wire format (docs/protocol.md, "Frames") ---------------------------------------------------
 cdef enum:
+    # The wire constants, as C: the same values as _protocol.py (where each is explained), which
+    # a test checks (WIRE_CONSTANTS below).
     # header layout: [0] kind, [1] flags, [2:4] reserved, [4:8] count, [8:16] payload length (LE)
     HEADER_SIZE = 16
-    KIND_BYTES = 1     # payload is raw bytes (send_bytes)
-    KIND_PICKLE = 2    # payload is a pickle (send), all in-band
-    KIND_OBJECT = 3    # a pickle-5 with out-of-band buffers (send): size table, pickle, buffers
-    # Most out-of-band buffers one object message may carry; with the header, its size table
-    # (8 bytes per part) always fits in the receive buffer. A pickle with more goes in-band.
+    KIND_BYTES = 1
+    KIND_PICKLE = 2
+    KIND_OBJECT = 3
     MAX_OOB_BUFFERS = 8191
-    # Buffers smaller than this stay in the in-band pickle: out of band they would cost an
-    # allocation and a table entry each for a copy that is cheap anyway.
     OOB_MIN_SIZE = 4096
 
 # ---- buffer sizes, chosen by measurement ------------------------------------------------------
@@ -125,6 +123,13 @@ cdef tuple _pickle(object obj):
 
 
 cdef int64_t _default_spin_ns = 0  # the process-wide spin budget (loopfast.set_default_spin)
+
+
+# The wire constants this module has as C enums, for the test that checks them against
+# _protocol.py (where the protocol's numbers live in Python).
+WIRE_CONSTANTS = {"HEADER_SIZE": HEADER_SIZE, "KIND_BYTES": KIND_BYTES,
+                  "KIND_PICKLE": KIND_PICKLE, "KIND_OBJECT": KIND_OBJECT,
+                  "MAX_OOB_BUFFERS": MAX_OOB_BUFFERS, "OOB_MIN_SIZE": OOB_MIN_SIZE}
 
 
 def _set_default_spin_ns(int64_t nanoseconds):
@@ -567,8 +572,9 @@ cdef class Channel:
     @property
     def peer_pid(self):
         """The pid of a process that holds the other end, where the platform tells and this
-        process may see it (Linux: the same user, or root), else None. Looked up on each access
-        (it scans /proc: milliseconds)."""
+        process may see it (Linux: the same user, or root), else None: also while a client's
+        connection waits in the listener's backlog (no process holds it before accept()).
+        Looked up on each access (it scans /proc: milliseconds)."""
         if self.closed:
             return None
         from ._peer import peer_pid

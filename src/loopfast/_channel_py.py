@@ -55,7 +55,15 @@ import weakref
 from multiprocessing.reduction import ForkingPickler
 
 from ._errors import BufferTooShort, ProtocolError
-from ._protocol import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADER, KIND_BYTES, KIND_PICKLE
+from ._protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    FRAME_HEADER,
+    KIND_BYTES,
+    KIND_OBJECT,
+    KIND_PICKLE,
+    MAX_OOB_BUFFERS,
+    OOB_MIN_SIZE,
+)
 
 __all__ = ["Channel"]
 
@@ -79,15 +87,6 @@ MANY_LOOKS = 4        # recv_bytes_many() looks at the queue at most this many m
 SMALL_SEND_SIZE = 8 * 1024       # frames up to this payload size go out as one contiguous send()
 BATCH_FLUSH_SIZE = 64 * 1024     # inside batch(), buffered frames are written at this size
 HANDOVER_NAP = 200e-6  # a handover waiting for a receive in another thread looks again this often
-
-# ---- object messages (docs/protocol.md, "Objects") -----------------------------------------------
-KIND_OBJECT = 3        # a pickle-5 with out-of-band buffers: size table, pickle, buffers
-# Most out-of-band buffers one object message may carry; with the header, its size table (8 bytes
-# per part) always fits in the window. A pickle with more goes in band (kind 2).
-MAX_OOB_BUFFERS = 8191
-# Buffers smaller than this stay in the in-band pickle: out of band they would cost an allocation
-# and a table entry each, for a copy that is cheap anyway.
-OOB_MIN_SIZE = 4096
 
 _UINT64_MAX = 2**64 - 1
 # The largest descriptor number: a C int on POSIX, a SOCKET (pointer-sized) on Windows (as in
@@ -572,8 +571,9 @@ class Channel:
     @property
     def peer_pid(self):
         """The pid of a process that holds the other end, where the platform tells and this
-        process may see it (Linux: the same user, or root), else None. Looked up on each access
-        (it scans /proc: milliseconds)."""
+        process may see it (Linux: the same user, or root), else None: also while a client's
+        connection waits in the listener's backlog (no process holds it before accept()).
+        Looked up on each access (it scans /proc: milliseconds)."""
         if self.closed:
             return None
         from ._peer import peer_pid

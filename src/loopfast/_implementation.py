@@ -5,13 +5,19 @@ The compiled core (``loopfast._channel``) by default; its pure-Python twin
 value other than ``""`` or ``"0"``, on interpreters other than CPython, and when the compiled
 extension is missing (a platform without a wheel or a compiler). ``loopfast.implementation`` says
 which: ``"compiled"`` or ``"python"``.
+
+The compiled module is not even imported when the twin is asked for (LOOPFAST_NO_EXTENSIONS),
+so a broken or crashing build can be stepped around with that switch alone.
 """
 
 import os
 import platform
-from typing import TYPE_CHECKING, Tuple, Type
+import sys
+from typing import TYPE_CHECKING, List, Type
 
-__all__ = ["CHANNEL_TYPES", "Channel", "implementation"]
+from . import _spin
+
+__all__ = ["CHANNEL_TYPES", "Channel", "adopt", "implementation"]
 
 
 def _pure_requested() -> bool:
@@ -23,23 +29,45 @@ if TYPE_CHECKING:
     from ._channel import Channel
 
     implementation: str
-    CHANNEL_TYPES: Tuple[Type[Channel], ...]
+    CHANNEL_TYPES: List[Type[Channel]]
 else:
     from ._channel_py import Channel as _PureChannel
 
-    try:
-        from ._channel import Channel as _CompiledChannel
-    except ImportError:  # no extension for this platform: the twin does the job
-        _CompiledChannel = None
+    _CompiledChannel = None
+    if not _pure_requested():
+        try:
+            from ._channel import Channel as _CompiledChannel
+        except ImportError:  # no extension for this platform: the twin does the job
+            pass
 
-    if _CompiledChannel is None or _pure_requested():
+    if _CompiledChannel is None:
         Channel = _PureChannel
         implementation = "python"
     else:
         Channel = _CompiledChannel
         implementation = "compiled"
 
-    # Both classes can meet in one process (a channel handed over from a process that uses the
-    # other one, interop tests): reduction and wait() know them both.
-    CHANNEL_TYPES = tuple(
-        cls for cls in (_CompiledChannel, _PureChannel) if cls is not None)
+    # The Channel classes this process knows (wait(), handover to children, the queues): its
+    # own, the twin (a channel can always be rebuilt as one), and any adopted since.
+    CHANNEL_TYPES = list(dict.fromkeys([Channel, _PureChannel]))
+
+
+def adopt(cls: "Type[Channel]") -> None:
+    """Make the Channel class `cls` known to this process too (wait(), passing to children),
+    for a program that uses both implementations side by side: the test suite, which imports
+    the compiled class itself while the twin is this process's own."""
+    if cls not in CHANNEL_TYPES:
+        CHANNEL_TYPES.append(cls)
+        from . import _reduction
+        _reduction.register(cls)
+        _follow_default_spin(cls)
+
+
+def _follow_default_spin(cls: "Type[Channel]") -> None:
+    """A compiled Channel class reads the process's spin budget from a C global of its module."""
+    setter = getattr(sys.modules[cls.__module__], "_set_default_spin_ns", None)
+    if setter is not None:
+        _spin.add_sink(setter)
+
+
+_follow_default_spin(Channel)

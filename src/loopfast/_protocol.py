@@ -19,8 +19,16 @@ PROOF_LABEL_CONNECTOR = b"loopfast-1 connector proof"
 # ---- frames (docs/protocol.md, "Frames") ----
 # kind, flags, reserved, count, payload length: 16 bytes, little-endian
 FRAME_HEADER = struct.Struct("<BBHIQ")
-KIND_BYTES = 1
-KIND_PICKLE = 2
+KIND_BYTES = 1   # payload is raw bytes (send_bytes)
+KIND_PICKLE = 2  # payload is a pickle (send), all in band
+KIND_OBJECT = 3  # a pickle-5 with out-of-band buffers (send): size table, pickle, buffers
+# Most out-of-band buffers one object message may carry: with the header, its size table (8 bytes
+# per part, 16 + 8 * 8192 = 65,552 bytes) always fits in a receiver's window. A pickle with more
+# goes in band (kind 2). Not a wire limit a peer may exceed: a receiver refuses more.
+MAX_OOB_BUFFERS = 8191
+# Senders keep buffers smaller than this in the in-band pickle: out of band they would cost an
+# allocation and a table entry each, for a copy that is cheap anyway (a sender's choice).
+OOB_MIN_SIZE = 4096
 
 # Largest payload a channel accepts unless told otherwise: large enough for any realistic single
 # message (a 2.5 GiB array passes), small enough that a corrupt or hostile length field cannot

@@ -9,7 +9,7 @@ import socket
 import sys
 import types
 from multiprocessing import reduction
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple, Type
 
 from ._implementation import CHANNEL_TYPES, Channel
 
@@ -71,5 +71,10 @@ else:
         return _rebuild(shared.detach(), *state)
 
 
+def register(channel_type: Type[Channel]) -> None:
+    """Let multiprocessing pass channels of `channel_type` to child processes."""
+    reduction.register(channel_type, _reduce_channel)
+
+
 for _channel_type in CHANNEL_TYPES:
-    reduction.register(_channel_type, _reduce_channel)
+    register(_channel_type)

@@ -14,7 +14,7 @@ spinning would only keep the peer from running). ``LOOPFAST_SPIN_US`` overrides 
 
 import math
 import os
-from typing import Optional
+from typing import Callable, List, Optional
 
 __all__ = ["DEFAULT_SPIN_US", "get_default_spin", "set_default_spin", "usable_cpus"]
 
@@ -56,6 +56,16 @@ def _initial() -> float:
 
 
 _current: float = 0.0
+# Where the budget goes besides _current: the compiled core keeps its own copy in C, and
+# _implementation adds its setter here when it loads the core (this module imports no core).
+_sinks: List[Callable[[int], None]] = []
+
+
+def add_sink(sink: Callable[[int], None]) -> None:
+    """Call `sink(nanoseconds)` with the budget now and whenever it is set."""
+    if sink not in _sinks:
+        _sinks.append(sink)
+        sink(int(_current * 1000))
 
 
 def set_default_spin(microseconds: float) -> None:
@@ -63,12 +73,8 @@ def set_default_spin(microseconds: float) -> None:
     that has no ``spin=`` of its own."""
     global _current
     value = _validated(microseconds)
-    try:
-        from . import _channel
-    except ImportError:
-        pass
-    else:
-        _channel._set_default_spin_ns(int(value * 1000))
+    for sink in _sinks:
+        sink(int(value * 1000))
     _current = value
 
 

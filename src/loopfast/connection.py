@@ -451,7 +451,8 @@ def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> List[An
     A channel awaiting a reply busy-polls first, for up to its spin budget.
     """
     object_list = list(object_list)
-    channels = [obj for obj in object_list if isinstance(obj, CHANNEL_TYPES)]
+    known = tuple(CHANNEL_TYPES)
+    channels: List[Channel] = [obj for obj in object_list if isinstance(obj, known)]
     ready = [obj for obj in channels if obj._has_message()]
     if ready:
         return ready

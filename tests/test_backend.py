@@ -1,0 +1,102 @@
+"""Which implementation a process uses, and that asking for the twin keeps the compiled core out
+of the process entirely (issue 14): LOOPFAST_NO_EXTENSIONS is how a user steps around a broken
+build, so it must not import that build."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import JOIN_TIMEOUT
+
+import loopfast
+
+_ROUND_TRIP = """
+import json, sys
+import loopfast
+a, b = loopfast.Pipe()
+a.send({"n": 1})
+got = b.recv(timeout=30)
+a.close(); b.close()
+print(json.dumps({"implementation": loopfast.implementation, "got": got,
+                  "compiled_imported": "loopfast._channel" in sys.modules}))
+"""
+
+_NO_EXTENSION = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "loopfast._channel":
+            raise ImportError("no compiled extension here (as on a platform without a wheel)")
+        return None
+sys.meta_path.insert(0, Refuse())
+""" + _ROUND_TRIP
+
+
+def _run(code, **env):
+    child_env = dict(os.environ)
+    child_env.pop("LOOPFAST_NO_EXTENSIONS", None)
+    child_env.update(env)
+    done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
+                          text=True, timeout=JOIN_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_asking_for_the_twin_never_imports_the_compiled_core(value):
+    report = _run(_ROUND_TRIP, LOOPFAST_NO_EXTENSIONS=value)
+    assert report == {"implementation": "python", "got": {"n": 1}, "compiled_imported": False}
+
+
+def test_without_the_extension_the_twin_does_the_job():
+    report = _run(_NO_EXTENSION)
+    assert report == {"implementation": "python", "got": {"n": 1}, "compiled_imported": False}
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("value", ["", "0"])
+def test_the_compiled_core_by_default(value):
+    report = _run(_ROUND_TRIP, LOOPFAST_NO_EXTENSIONS=value)
+    assert report == {"implementation": "compiled", "got": {"n": 1}, "compiled_imported": True}
+
+
+def _echo_in_a_pure_child(channel):
+    import loopfast as child_loopfast  # the child's own import, with the twin requested
+    message = channel.recv(timeout=30)
+    # (This module's conftest imports the compiled core itself, to test both: whether loopfast
+    # imports it is tested above, in plain interpreters.)
+    channel.send((message, child_loopfast.implementation, type(channel).__module__))
+    channel.close()
+
+
+@pytest.mark.compiled
+def test_a_channel_handed_from_a_compiled_process_works_in_a_pure_one(monkeypatch):
+    import multiprocessing
+    if loopfast.implementation != "compiled":
+        pytest.skip("this process is not using the compiled core")
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = loopfast.Pipe()
+    monkeypatch.setenv("LOOPFAST_NO_EXTENSIONS", "1")  # read by the spawned child at import
+    child = ctx.Process(target=_echo_in_a_pure_child, args=(theirs,))
+    child.start()
+    monkeypatch.delenv("LOOPFAST_NO_EXTENSIONS")
+    theirs.close()
+    try:
+        ours.send("from a compiled parent")
+        assert ours.recv(timeout=30) == ("from a compiled parent", "python",
+                                         "loopfast._channel_py")
+    finally:
+        ours.close()
+        child.join(JOIN_TIMEOUT)
+    assert child.exitcode == 0
+
+
+@pytest.mark.compiled
+def test_the_compiled_wire_constants_are_protocol_py_s():
+    from loopfast import _channel, _protocol
+    assert _channel.WIRE_CONSTANTS == {
+        "HEADER_SIZE": _protocol.FRAME_HEADER.size, "KIND_BYTES": _protocol.KIND_BYTES,
+        "KIND_PICKLE": _protocol.KIND_PICKLE, "KIND_OBJECT": _protocol.KIND_OBJECT,
+        "MAX_OOB_BUFFERS": _protocol.MAX_OOB_BUFFERS, "OOB_MIN_SIZE": _protocol.OOB_MIN_SIZE}
