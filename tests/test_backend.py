@@ -23,7 +23,7 @@ print(json.dumps({"implementation": loopfast.implementation, "got": got,
                   "compiled_imported": "loopfast._channel" in sys.modules}))
 """
 
-_NO_EXTENSION = """
+_BLOCK = """
 import importlib.abc, sys
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -31,16 +31,22 @@ class Refuse(importlib.abc.MetaPathFinder):
             raise ImportError("no compiled extension here (as on a platform without a wheel)")
         return None
 sys.meta_path.insert(0, Refuse())
-""" + _ROUND_TRIP
+"""
+_NO_EXTENSION = _BLOCK + _ROUND_TRIP
 
 
-def _run(code, **env):
+def _run(code, warning=None, **env):
     child_env = dict(os.environ)
     child_env.pop("LOOPFAST_NO_EXTENSIONS", None)
+    child_env.pop("_LOOPFAST_TWIN_WARNED", None)
     child_env.update(env)
     done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
                           text=True, timeout=JOIN_TIMEOUT)
     assert done.returncode == 0, done.stderr
+    if warning is None:
+        assert "RuntimeWarning" not in done.stderr, done.stderr
+    else:
+        assert warning in done.stderr, done.stderr
     return json.loads(done.stdout)
 
 
@@ -51,7 +57,8 @@ def test_asking_for_the_twin_never_imports_the_compiled_core(value):
 
 
 def test_without_the_extension_the_twin_does_the_job():
-    report = _run(_NO_EXTENSION)
+    # (On CPython a missing core is an install that could not build it: the warning says so.)
+    report = _run(_NO_EXTENSION, warning="the compiled core is not installed")
     assert report == {"implementation": "python", "got": {"n": 1}, "compiled_imported": False}
 
 
@@ -100,3 +107,18 @@ def test_the_compiled_wire_constants_are_protocol_py_s():
         "HEADER_SIZE": _protocol.FRAME_HEADER.size, "KIND_BYTES": _protocol.KIND_BYTES,
         "KIND_PICKLE": _protocol.KIND_PICKLE, "KIND_OBJECT": _protocol.KIND_OBJECT,
         "MAX_OOB_BUFFERS": _protocol.MAX_OOB_BUFFERS, "OOB_MIN_SIZE": _protocol.OOB_MIN_SIZE}
+
+
+def test_the_missing_core_is_reported_once_per_process_tree():
+    # A child of a process that reported it (a pool's worker, say), also without the core,
+    # stays quiet: it inherits the mark.
+    child = _BLOCK + "import loopfast\nassert loopfast.implementation == 'python'\n"
+    code = (_BLOCK + "import subprocess, sys\nimport loopfast\n"
+            f"subprocess.run([sys.executable, '-c', {child!r}], check=True)\n")
+    child_env = dict(os.environ)
+    for name in ("LOOPFAST_NO_EXTENSIONS", "_LOOPFAST_TWIN_WARNED"):
+        child_env.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
+                          text=True, timeout=JOIN_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("the compiled core is not installed") == 1, done.stderr

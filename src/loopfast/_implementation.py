@@ -13,11 +13,15 @@ so a broken or crashing build can be stepped around with that switch alone.
 import os
 import platform
 import sys
+import warnings
 from typing import TYPE_CHECKING, List, Type
 
 from . import _spin
 
 __all__ = ["CHANNEL_TYPES", "Channel", "adopt", "implementation"]
+
+
+_WARNED = "_LOOPFAST_TWIN_WARNED"  # set once the missing core was reported in this process tree
 
 
 def _pure_requested() -> bool:
@@ -37,8 +41,17 @@ else:
     if not _pure_requested():
         try:
             from ._channel import Channel as _CompiledChannel
-        except ImportError:  # no extension for this platform: the twin does the job
-            pass
+        except ImportError as exc:  # no extension for this platform: the twin does the job
+            # On CPython that is an install that could not build it (pip hides the build's own
+            # warning unless -v): say it where it is seen, once per process tree (the children
+            # of this process inherit the mark and stay quiet: a pool of workers says it once).
+            if not os.environ.get(_WARNED):
+                os.environ[_WARNED] = "1"
+                warnings.warn(
+                    f"loopfast: the compiled core is not installed ({exc}); running on the "
+                    f"pure-Python twin, which is slower. Reinstall with a C compiler and the "
+                    f"Python headers for the compiled core, or set LOOPFAST_NO_EXTENSIONS=1 to "
+                    f"choose the twin (and silence this)", RuntimeWarning, stacklevel=2)
 
     if _CompiledChannel is None:
         Channel = _PureChannel
