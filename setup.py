@@ -39,7 +39,7 @@ class OptionalBuildExt(build_ext):
             self._without(exc, ext.name)
 
     @staticmethod
-    def _without(exc, name="loopfast._channel"):
+    def _without(exc, name="loopfast._core.channel"):
         if _required():
             raise
         bar = "*" * 78
@@ -72,9 +72,10 @@ else:
 
 extensions = [
     Extension(
-        "loopfast._channel",
-        ["src/loopfast/_channel.pyx"],
-        include_dirs=["src/loopfast"],
+        "loopfast._core.channel",
+        ["src/loopfast/_core/channel.pyx"],
+        # platform.h sits beside channel.pyx (and the generated channel.c): a quoted #include
+        # finds it there, so no include directory is added (it could shadow a system header).
         libraries=libraries,
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
@@ -89,7 +90,7 @@ setup(
         compiler_directives={
             "language_level": 3,
             "embedsignature": True,
-            # Index math in _channel.pyx is on raw pointers, covered by the framing tests.
+            # Index math in _core/channel.pyx is on raw pointers, covered by the framing tests.
             "boundscheck": False,
             "wraparound": False,
         },

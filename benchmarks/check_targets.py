@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check the speed and memory targets of issues 2, 4, 5, 7, 11 and 12 from ONE run of the loopfast bench;
+"""Check the speed and memory targets of issues 2, 4, 5, 7, 11 and 12 from ONE run of the
+loopfast bench;
 print PASS/MISS.
 
     python benchmarks/check_targets.py                  # the full bench (about 2.5 minutes)
@@ -26,8 +27,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from loopfast import _bench
 from loopfast.__main__ import format_report
+from loopfast.tools.bench import runner as _bench
 
 MiB = 1024 * 1024
 

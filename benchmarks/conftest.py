@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from loopfast import _bench
+from loopfast.tools.bench import runner as _bench
 
 StartPeer = Callable[[_bench.Case, str], _bench.PeerProcess]
 

@@ -5,7 +5,7 @@
 - Listener.accept() + Client() + one echo, with 0 and 2,000 silent connections pending (the
   target: a good client connects in <= 50 ms p99 with 2,000 pending).
 
-On a noisy machine judge the figures from ``python -m loopfast._bench_accept`` (one server
+On a noisy machine judge the figures from ``python -m loopfast.tools.bench.accept`` (one server
 process, 200 clients per row, p50/p99/max).
 """
 
@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("resource")  # the probe sets descriptor limits (POSIX)
 
-from loopfast import _bench_accept, _peer  # noqa: E402
+from loopfast import _peer
+from loopfast.tools.bench import accept as _bench_accept
 
 
 @pytest.mark.skipif(_peer.mechanism() is None, reason="no peer-identity mechanism here")

@@ -3,12 +3,12 @@
 uvloop (skipped when not installed). The echo peer is another process (loopfast/_bench_aio.py).
 
 Each test times its row alone, one after another; on a noisy machine judge the ratios from
-``python -m loopfast._bench_aio`` (interleaved rounds, medians), not from these tables.
+``python -m loopfast.tools.bench.aio`` (interleaved rounds, medians), not from these tables.
 """
 
 import pytest
 
-from loopfast import _bench_aio
+from loopfast.tools.bench import aio as _bench_aio
 
 ROUNDS, ROUND_TRIPS, WARMUP_ROUNDS = 20, 1000, 2
 PAYLOAD = bytes(range(64))

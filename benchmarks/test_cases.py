@@ -23,7 +23,7 @@ import itertools
 
 import pytest
 
-from loopfast import _bench
+from loopfast.tools.bench import runner as _bench
 
 CASES = [case for case in _bench.CASES.values() if case.default]
 

@@ -5,12 +5,12 @@ map, Pool.map with chunksize=1, Queue of 64 B messages, Queue of 64 MiB numpy ar
 Each benchmark round is one measurement of the row (pools started before the clock starts, as
 in the bench); the figure the row reports (µs, tasks/s, msg/s, GB/s) is kept in extra_info. On a
 noisy machine judge the ratios from ``python -m loopfast bench`` or
-``python -m loopfast._bench_pools`` (interleaved rounds, medians), not from these tables.
+``python -m loopfast.tools.bench.pools`` (interleaved rounds, medians), not from these tables.
 """
 
 import pytest
 
-from loopfast import _bench_pools
+from loopfast.tools.bench import pools as _bench_pools
 
 ROUNDS = 3
 COUNTS = {"ppe_submit": 300, "ppe_map": 5000, "pool_map": 10000, "queue64": 20000,

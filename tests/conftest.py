@@ -13,17 +13,17 @@ import threading
 import pytest
 
 import loopfast
-from loopfast import _channel_py
+from loopfast._core import channel_py as _channel_py
 from loopfast._handshake import handshake_pair
 
 try:
-    from loopfast import _channel
+    from loopfast._core import channel as _channel
 except ImportError:  # no compiled extension: only the twin can be tested
     _channel = None
 else:
     # Under LOOPFAST_NO_EXTENSIONS loopfast itself never imports the compiled core; the suite
     # tests both side by side, so it makes the compiled class known to this process too.
-    from loopfast._implementation import adopt
+    from loopfast._backend import adopt
     adopt(_channel.Channel)
 
 # Upper bounds for waits that should normally end within milliseconds. They only stop a broken

@@ -8,14 +8,15 @@ as a placeholder).
     python tools/api_reference.py --stdout  # print the reference instead of writing it
 
 Covers every name in ``loopfast.__all__`` and, when it is importable, ``loopfast.aio.__all__``.
-``Channel`` is documented from the compiled class (``loopfast._channel``), whatever
+``Channel`` is documented from the compiled class (``loopfast._core.channel``), whatever
 ``LOOPFAST_NO_EXTENSIONS`` says, so that the output is the same in every process. Cython gives its
 methods signatures without types and its class none at all; the types (and the constructor's
-parameters) come from the type stub ``src/loopfast/_channel.pyi``, the typed public contract, read
+parameters) come from the type stub ``src/loopfast/_core/channel.pyi``, the typed public
+contract, read
 with ``ast``; the constructor's defaults from the pure-Python twin, which has the same API.
 
 The output is stable: names in ``__all__`` order, members in definition order (``Channel``'s in
-the stub's order), no values that differ between runs or implementations. tests/test_docs.py
+the stub's order), no values that differ between runs or implementations. tests/package/test_docs.py
 checks that docs/api.md is what this prints, and that every public name has a docstring.
 """
 
@@ -34,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
-STUB = ROOT / "src" / "loopfast" / "_channel.pyi"
+STUB = ROOT / "src" / "loopfast" / "_core" / "channel.pyi"
 
 # Public names that are plain values: they cannot carry a docstring, so their text lives here.
 DATA_DOCS: Dict[str, str] = {
@@ -64,14 +65,14 @@ class DocError(Exception):
 def compiled_channel() -> Optional[type]:
     """The compiled Channel class, or None where the extension is not built."""
     try:
-        from loopfast._channel import Channel
+        from loopfast._core.channel import Channel
     except ImportError:
         return None
     return Channel
 
 
 def pure_channel() -> type:
-    from loopfast._channel_py import Channel
+    from loopfast._core.channel_py import Channel
     return Channel
 
 
@@ -122,7 +123,7 @@ def public_members(cls: type) -> Dict[str, Any]:
 
 def is_compiled(obj: Any) -> bool:
     """Defined in the Cython module (whose docstrings start with an embedded signature)."""
-    return getattr(obj, "__module__", None) == "loopfast._channel"
+    return getattr(obj, "__module__", None) == "loopfast._core.channel"
 
 
 # ---- docstrings ----------------------------------------------------------------------------------
@@ -221,7 +222,8 @@ _ALIASES = (
 
 
 def format_annotation(annotation: Any) -> Optional[str]:
-    """An annotation as text, module paths dropped (``loopfast._channel_py.Channel``: ``Channel``),
+    """An annotation as text, module paths dropped (``loopfast._core.channel_py.Channel``:
+    ``Channel``),
     so that it reads the same whichever implementation is loaded."""
     if annotation is inspect.Parameter.empty:
         return None
@@ -471,7 +473,8 @@ SECTION_ORDER = ("function", "class", "exception", "data")
 
 def generate() -> str:
     """The whole of docs/api.md. A missing docstring becomes a visible placeholder, and is
-    listed by `problems()` until the next call (tests/test_docs.py checks docstrings itself)."""
+    listed by `problems()` until the next call (tests/package/test_docs.py checks docstrings
+    itself)."""
     del _problems[:]
     return _generate()
 
@@ -490,7 +493,7 @@ def _generate() -> str:
         "     Refresh with: python tools/api_reference.py -->",
         "",
         "Every public name of `loopfast` and `loopfast.aio`, with its docstring. Signatures "
-        "carry the types of the annotations (for `Channel`, of its stub `_channel.pyi`). "
+        "carry the types of the annotations (for `Channel`, of its stub `_core/channel.pyi`). "
         "`Channel` is documented once: the compiled core and the pure-Python twin "
         "(`loopfast.implementation`) have the same API. Start with the "
         "[README](../README.md) for a tour, and [the protocol](protocol.md) for the bytes on the "

@@ -24,9 +24,9 @@ echo "building the sanitizer build in $WORK" >&2
 (cd "$WORK" && LOOPFAST_SANITIZE=1 "$PYTHON" setup.py -q build_ext --inplace >/dev/null)
 
 if [ "$#" -eq 0 ]; then
-    set -- tests/test_channel.py tests/test_twin.py tests/test_batch.py tests/test_objects.py \
-        tests/test_properties.py tests/test_spin.py tests/test_mp_compat.py tests/test_faults.py \
-        tests/test_threads.py tests/test_fuzz_corpus.py tests/test_aio.py -m "not slow"
+    set -- tests/core/test_channel.py tests/core/test_twin.py tests/core/test_batch.py tests/core/test_objects.py \
+        tests/core/test_properties.py tests/core/test_spin.py tests/api/test_mp_compat.py tests/core/test_faults.py \
+        tests/core/test_threads.py tests/core/test_fuzz_corpus.py tests/aio/test_aio.py -m "not slow"
 fi
 
 cd "$WORK"
@@ -35,5 +35,5 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 # Which build runs: the instrumented one, or the whole exercise is pointless.
-"$PYTHON" -c "import loopfast._channel as c, sys; assert c.__file__.startswith('$WORK'), c.__file__"
+"$PYTHON" -c "import loopfast._core.channel as c, sys; assert c.__file__.startswith('$WORK'), c.__file__"
 "$PYTHON" -m pytest -p no:cacheprovider -q "$@"

@@ -8,11 +8,11 @@ A drop-in superset of ``multiprocessing.connection``::
     print(b.recv())
 """
 
+from ._backend import Channel, implementation
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
-from ._implementation import Channel, implementation
-from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
 from ._spin import get_default_spin, set_default_spin
 from ._version import __version__
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE
 from .connection import Client, Listener, Pipe, wait
 from .context import get_context, install, installed, uninstall
 

@@ -8,13 +8,15 @@ name is refused.
 """
 
 import ipaddress
+import os
 import socket
 from typing import Any, Optional, Sequence, Tuple, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
-__all__ = ["check_peer", "family_from_name", "resolve"]
+__all__ = ["check_peer", "family_from_name", "is_loopback", "listening_socket", "parse_ip",
+           "resolve"]
 
 _FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6}
 
@@ -39,14 +41,14 @@ def family_from_name(family: Union[str, int, None]) -> Optional[int]:
         ) from None
 
 
-def _is_loopback(ip: IPAddress) -> bool:
+def is_loopback(ip: IPAddress) -> bool:
     if ip.is_loopback:
         return True
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return mapped is not None and mapped.is_loopback
 
 
-def _parse_ip(host: str) -> Optional[IPAddress]:
+def parse_ip(host: str) -> Optional[IPAddress]:
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -84,10 +86,10 @@ def resolve(address: Any, family: Union[str, int, None] = None) -> Tuple[int, So
         raise ValueError(
             f"address {host!r} has a scope (zone) id: the loopback address ::1 needs none, "
             "give '::1'")
-    ip = _parse_ip(host)
+    ip = parse_ip(host)
     if ip is None:
         raise ValueError(_REFUSED.format(what=f"the host name {host!r}, which is not resolved"))
-    if not _is_loopback(ip):
+    if not is_loopback(ip):
         raise ValueError(_REFUSED.format(what=repr(host)))
     ip_family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     if fam is not None and fam != ip_family:
@@ -99,6 +101,28 @@ def resolve(address: Any, family: Union[str, int, None] = None) -> Tuple[int, So
 
 def check_peer(sockaddr: Sequence[Any]) -> None:
     """Defense in depth: refuse an accepted connection whose peer is not a loopback address."""
-    ip = _parse_ip(str(sockaddr[0]).split("%")[0])
-    if ip is None or not _is_loopback(ip):
+    ip = parse_ip(str(sockaddr[0]).split("%")[0])
+    if ip is None or not is_loopback(ip):
         raise ValueError(_REFUSED.format(what=f"a connection from {sockaddr[0]!r}"))
+
+
+def listening_socket(address: Optional[Sequence[Any]], family: Union[str, int, None],
+                     backlog: int) -> socket.socket:
+    """A nonblocking TCP socket listening on the loopback `address` (None: port 0 on 127.0.0.1,
+    or on ::1 for family 'AF_INET6'), for the sync and the asyncio Listener alike."""
+    fam = family_from_name(family)
+    if address is None:
+        address = ("::1", 0) if fam == socket.AF_INET6 else ("127.0.0.1", 0)
+    fam, sockaddr = resolve(address, family)
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        if os.name == "posix":
+            # As multiprocessing does: a restarted service can rebind its port at once.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)  # accept() waits in a selector or an event loop
+    except BaseException:
+        sock.close()
+        raise
+    return sock

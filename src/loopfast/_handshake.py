@@ -1,8 +1,8 @@
 """The opening exchange of every connection: versioned hello, then optional mutual HMAC proof.
 
 Both sides send first and read second, so neither waits for the other (docs/protocol.md,
-"Handshake"). No frame is parsed before this finishes: the handshake reads exactly its own bytes, and what the
-peer sent after it stays in the socket for the frame parser.
+"Handshake"). No frame is parsed before this finishes: the handshake reads exactly its own
+bytes, and what the peer sent after it stays in the socket for the frame parser.
 """
 
 import hashlib
@@ -12,8 +12,8 @@ import time
 from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional, Type
 
 from ._errors import AuthenticationError, ProtocolError
-from ._peer import HALF_OPEN, check_peer_user, local_user
-from ._protocol import (
+from ._peer import check_peer_user, local_user
+from ._wire import (
     HELLO,
     HELLO_FLAG_AUTH,
     MAGIC,
@@ -25,7 +25,7 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
-    from ._channel import Channel
+    from ._core.channel import Channel
 
 __all__ = ["Handshake", "check_authkey", "handshake_pair", "run_handshake"]
 

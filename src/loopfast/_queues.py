@@ -24,10 +24,10 @@ module changes how, never what:
 SimpleQueue (Pool's task and result queues, concurrent.futures' result queue) has no feeder:
 its put() is Channel.send() under the write lock, its get() Channel.recv() under the read lock.
 
-Queue.put/get, JoinableQueue.put, Queue._feed and SimpleQueue.put/get are replaced by functions that take this path
-only for a queue whose buffer is a _FeedBuffer (which _reset gives queues on a loopfast pipe,
-also after a fork and in a child that unpickled the queue) and run multiprocessing's own code for
-every other queue. Names and semantics otherwise stay multiprocessing's (close(),
+Queue.put/get, JoinableQueue.put, Queue._feed and SimpleQueue.put/get are replaced by functions
+that take this path only for a queue whose buffer is a _FeedBuffer (which _reset gives queues on a
+loopfast pipe, also after a fork and in a child that unpickled the queue) and run multiprocessing's
+own code for every other queue. Names and semantics otherwise stay multiprocessing's (close(),
 join_thread(), cancel_join_thread(), qsize(), empty(), maxsize and Full/Empty).
 """
 
@@ -35,14 +35,14 @@ import collections
 import errno
 import io
 import time
-from time import monotonic_ns as _monotonic_ns
 from multiprocessing import queues as _queues_module
 from multiprocessing.reduction import ForkingPickler as _ForkingPickler
 from multiprocessing.util import info, is_exiting
 from queue import Empty, Full
+from time import monotonic_ns as _monotonic_ns
 from typing import Any, List, Optional, Tuple
 
-from ._implementation import CHANNEL_TYPES
+from ._backend import CHANNEL_TYPES
 
 # multiprocessing's private names this module reads and replaces (the same from 3.9 to 3.13),
 # untyped: typeshed does not declare them.

@@ -11,7 +11,7 @@ import types
 from multiprocessing import reduction
 from typing import Any, Callable, Dict, Tuple, Type
 
-from ._implementation import CHANNEL_TYPES, Channel
+from ._backend import CHANNEL_TYPES, Channel
 
 _Reduced = Tuple[Callable[..., Channel], Tuple[Any, ...]]
 

@@ -57,7 +57,7 @@ def _initial() -> float:
 
 _current: float = 0.0
 # Where the budget goes besides _current: the compiled core keeps its own copy in C, and
-# _implementation adds its setter here when it loads the core (this module imports no core).
+# _backend adds its setter here when it loads the core (this module imports no core).
 _sinks: List[Callable[[int], None]] = []
 
 

@@ -71,13 +71,12 @@ from typing import (
     TypeVar,
 )
 
-from ._address import check_peer, resolve
+from ._address import check_peer, listening_socket, resolve
+from ._backend import Channel
 from ._handshake import CONNECTOR, LISTENER, Handshake, check_authkey
-from ._implementation import Channel
 from ._peer import AllowUsers, allowed_users
-from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
-from .connection import ACCEPT_BURST, ACCEPT_PAUSE, _OUT_OF_RESOURCES, Address, Serializer
-from .connection import Listener as _SyncListener
+from ._wire import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from .connection import _OUT_OF_RESOURCES, ACCEPT_BURST, ACCEPT_PAUSE, Address, Serializer
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -629,16 +628,10 @@ class Listener:
         spin: Optional[float] = 0,
         allow_users: AllowUsers = None,
     ) -> None:
-        # The sync Listener binds (one place checks addresses); we accept from its socket.
-        self._listener = _SyncListener(address, family, backlog, authkey,
-                                       max_message_size=max_message_size,
-                                       handshake_timeout=handshake_timeout,
-                                       serializer=serializer, spin=spin,
-                                       allow_users=allow_users)
+        check_authkey(authkey)
         self._allowed = allowed_users(allow_users)
-        sock = self._listener._socket
-        assert sock is not None
-        sock.setblocking(False)
+        sock = listening_socket(address, family, backlog)
+        self._address: Tuple[str, int] = sock.getsockname()[:2]
         self._sock: Optional[socket.socket] = sock
         self._authkey = authkey
         self._handshake_timeout = handshake_timeout
@@ -704,7 +697,7 @@ class Listener:
             if self._sock is None:
                 raise OSError("listener is closed (while accept() waited)")
 
-    def _handshake_ended(self, task: "asyncio.Future[Any]") -> None:
+    def _handshake_ended(self, task: asyncio.Future[Any]) -> None:
         self._finished.append(task)
         self._paused_until = None  # a failed one freed a descriptor; a good one may follow
         if self._wake is not None and not self._wake.done():
@@ -759,7 +752,7 @@ class Listener:
             return
         if self._ready is not None:
             self._ready.close()
-        self._listener.close()
+        sock.close()
         handshakes, self._handshakes = self._handshakes, {}
         for task, achannel in handshakes.items():
             if task.done() and not task.cancelled():
@@ -774,7 +767,7 @@ class Listener:
     @property
     def address(self) -> Tuple[str, int]:
         """The (host, port) the listener is bound to."""
-        return self._listener.address
+        return self._address
 
     @property
     def last_accepted(self) -> Optional[Tuple[str, int]]:

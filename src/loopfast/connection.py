@@ -18,7 +18,8 @@ from types import TracebackType
 from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Tuple, Type, Union
 
 from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
-from ._address import check_peer, family_from_name, resolve
+from ._address import check_peer, family_from_name, listening_socket, resolve
+from ._backend import CHANNEL_TYPES, Channel
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._handshake import (
     CONNECTOR,
@@ -28,10 +29,9 @@ from ._handshake import (
     handshake_pair,
     run_handshake,
 )
-from ._implementation import CHANNEL_TYPES, Channel
 from ._peer import AllowUsers, allowed_users
-from ._protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from ._spin import channel_spin
+from ._wire import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = [
     "AuthenticationError",
@@ -95,23 +95,9 @@ class Listener:
     ) -> None:
         check_authkey(authkey)
         self._allowed = allowed_users(allow_users)
-        fam = family_from_name(family)
-        if address is None:
-            address = ("::1", 0) if fam == socket.AF_INET6 else ("127.0.0.1", 0)
-        fam, sockaddr = resolve(address, family)
-        sock = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            if os.name == "posix":
-                # As multiprocessing does: a restarted service can rebind its port at once.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-            sock.setblocking(False)  # accept() waits in a selector (see _wait_and_handle)
-        except BaseException:
-            sock.close()
-            raise
+        sock = listening_socket(address, family, backlog)
         self._socket: Optional[socket.socket] = sock
-        self._family = fam
+        self._family = sock.family
         self._address: Tuple[str, int] = sock.getsockname()[:2]
         self._authkey = authkey
         self._handshake_timeout = handshake_timeout

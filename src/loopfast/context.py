@@ -43,9 +43,9 @@ import threading
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
-from . import connection as _connection
 from . import _queues
-from ._implementation import CHANNEL_TYPES
+from . import connection as _connection
+from ._backend import CHANNEL_TYPES
 
 # The parts of multiprocessing this module reads and replaces, untyped: several of the names are
 # private (the same from 3.9 to 3.13), and typeshed does not declare them.

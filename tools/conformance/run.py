@@ -284,7 +284,7 @@ def main(argv=None):
         for method in methods:
             results = {}
             for mode in modes:
-                outcomes, elapsed, log_path = run_one(suite_name, method, mode, log_dir)
+                outcomes, elapsed, _ = run_one(suite_name, method, mode, log_dir)
                 results[mode] = outcomes
                 if outcomes is None:
                     print(f"{suite_name:2} {method:10} {mode:9}  missing: this interpreter's "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""atheris harness for the compiled frame decoder (loopfast._channel.Channel).
+"""atheris harness for the compiled frame decoder (loopfast._core.channel.Channel).
 
 One input is the byte stream a peer sends after the handshake; frames_check.check() feeds it to a
 compiled Channel and compares what comes out with the reference parser. Run it with
@@ -26,7 +26,7 @@ else:
     import frames_check
 
 import loopfast
-from loopfast import _channel
+from loopfast._core import channel as _channel
 
 SEEDS = int(os.environ.get("LOOPFAST_FUZZ_SEEDS", "1"))  # receive-call sequences per input
 

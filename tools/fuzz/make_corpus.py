@@ -34,7 +34,7 @@ def obj(pickle_bytes, buffers, sizes=None):
 def from_real_sender():
     """A stream written by a real (pure-Python) channel: send_bytes, send_bytes_many, send()."""
     sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
-    from loopfast._channel_py import Channel
+    from loopfast._core.channel_py import Channel
     a, b = socket.socketpair()
     out = bytearray()
     with Channel(a.detach()) as sender:

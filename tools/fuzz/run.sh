@@ -19,7 +19,7 @@ ATHERIS_DIR=$("$PYTHON" -c "import atheris; print(atheris.path())")
 if [ "${LOOPFAST_FUZZ_PLAIN:-0}" = 1 ]; then
     env_prefix=()
 else
-    if ! ls "$BUILD"/lib/loopfast/_channel*.so >/dev/null 2>&1; then
+    if ! ls "$BUILD"/lib/loopfast/_core/channel*.so >/dev/null 2>&1; then
         bash "$HERE/build.sh"
     fi
     # detect_leaks=0: CPython keeps memory alive at exit on purpose. PYTHONMALLOC=malloc: every

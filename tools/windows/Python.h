@@ -1,4 +1,4 @@
-/* A stand-in for <Python.h> with only the declarations _platform.h uses, so that the Windows
+/* A stand-in for <Python.h> with only the declarations platform.h uses, so that the Windows
  * branch of the header can be compiled here by x86_64-w64-mingw32-gcc, which has no Windows
  * CPython headers. The declarations copy CPython's public API signatures. */
 #ifndef LOOPFAST_WINDOWS_CHECK_PYTHON_H

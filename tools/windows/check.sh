@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile the Windows branch of src/loopfast/_platform.h with mingw-w64, so that a Winsock mistake
+# Compile the Windows branch of src/loopfast/_core/platform.h with mingw-w64, so that a Winsock mistake
 # fails here and not only on a hosted Windows runner. Installs Debian's mingw-w64 when missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,6 +14,6 @@ if ! command -v "$cc" >/dev/null 2>&1; then
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-"$cc" -std=c99 -Wall -Wextra -Werror -O2 -I"$here" -I"$here/../../src/loopfast" \
+"$cc" -std=c99 -Wall -Wextra -Werror -O2 -I"$here" -I"$here/../../src/loopfast/_core" \
     "$here/check_platform.c" -o "$out/check_platform.exe" -lws2_32
-echo "windows header check: _platform.h (Winsock branch) compiles and links with $cc"
+echo "windows header check: platform.h (Winsock branch) compiles and links with $cc"

@@ -1,6 +1,6 @@
-/* Compiles and links every function of _platform.h's Windows branch against Winsock
+/* Compiles and links every function of platform.h's Windows branch against Winsock
  * (run by .ci/run: x86_64-w64-mingw32-gcc -Wall -Werror ... -lws2_32). Not shipped. */
-#include "_platform.h"
+#include "platform.h"
 
 PyObject *PyExc_OSError;
 PyObject *PyErr_SetFromErrno(PyObject *type) { (void)type; return NULL; }
