@@ -30,6 +30,7 @@ import weakref
 from multiprocessing.reduction import ForkingPickler
 
 from .._errors import BufferTooShort, ProtocolError
+from .._pickling import dumps_out_of_band as _pickle
 from .._wire import DEFAULT_MAX_MESSAGE_SIZE, FD_MAX as _FD_MAX
 
 # ---- wire format (docs/protocol.md, "Frames") ---------------------------------------------------
@@ -68,44 +69,6 @@ cdef enum:
     SPIN_READY_SHARED = 1000
     # Socket I/O on more than this many bytes releases the GIL (a large copy into the kernel).
     RELEASE_GIL_SIZE = 64 * 1024
-
-cdef class _BufferCollector:
-    """buffer_callback for pickle protocol 5: keeps large buffers out of band."""
-    cdef list buffers
-
-    def __cinit__(self):
-        self.buffers = []
-
-    def __call__(self, pickle_buffer):
-        try:
-            raw = pickle_buffer.raw()  # contiguous bytes, no copy
-        except BufferError:
-            # A non-contiguous buffer: one C-order copy, sent out of band as flat bytes.
-            raw = memoryview(pickle_buffer).tobytes()
-        if len(raw) < OOB_MIN_SIZE:
-            return True  # small: in band
-        self.buffers.append(raw)
-        return False
-
-
-class _OutOfBandPickler(pickle.Pickler):
-    """multiprocessing's ForkingPickler (the same reducers: channels, sockets, ... pickle as
-    they do for multiprocessing) at protocol 5 with a buffer_callback, which ForkingPickler's
-    constructor does not pass on before Python 3.12."""
-
-    def __init__(self, file, buffer_callback):
-        super().__init__(file, 5, buffer_callback=buffer_callback)
-        self.dispatch_table = ForkingPickler._copyreg_dispatch_table.copy()
-        self.dispatch_table.update(ForkingPickler._extra_reducers)
-
-
-cdef tuple _pickle(object obj):
-    """Pickle `obj` at protocol 5; returns (in-band pickle, list of out-of-band buffers)."""
-    out = io.BytesIO()
-    collector = _BufferCollector()
-    _OutOfBandPickler(out, collector).dump(obj)
-    return out.getbuffer(), collector.buffers
-
 
 cdef int64_t _default_spin_ns = 0  # the process-wide spin budget (loopfast.set_default_spin)
 
