@@ -45,7 +45,7 @@ cdef extern from "platform.h" nogil:
     uint32_t lf_load_u32le(const unsigned char *p)
 
 
-cdef class Channel:
+cdef class _ChannelBase:
     cdef lf_socket_t _fd            # the connected socket; LF_INVALID_SOCKET once closed
     cdef bint _readable             # recv* allowed (False for the write end of Pipe(duplex=False))
     cdef bint _writable             # send* allowed (False for the read end of Pipe(duplex=False))
@@ -122,17 +122,37 @@ cdef class Channel:
     cdef int _check_readable(self) except -1
     cdef int _check_writable(self) except -1
     cdef int _wait(self, short events, int64_t deadline, Py_ssize_t peek_size=*) except -1
-    cdef int _begin_receive(self, int64_t deadline) except -1
     cdef int _finish_handshake(self, int64_t deadline) except -1
     cdef int _check_handshake_now(self) except -1
+    cdef int _discard(self, char *at, Py_ssize_t n) except -1
+    cdef int _count_consumed(self, Py_ssize_t n) except -1
+    cdef int _flush_discards(self) except -1
+    cdef int _protocol_error(self, str message) except -1
+
+
+cdef class _SendPath(_ChannelBase):
+    cdef int _flush_rest(self, int64_t deadline) except -1
+    cdef int _flush_pending_sends(self, int64_t deadline) except -1
+    cdef int _reserve_batch(self, Py_ssize_t extra) except -1
+    cdef int _flush_batch(self, int64_t deadline) except -1
+    cdef Py_ssize_t _unsent(self)
+    cdef int _end_batch(self, object timeout) except -1
+    cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1
+    cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
+                          int64_t deadline) except -1
+    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
+                       int64_t deadline, Py_ssize_t *progress=*) except -1
+    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
+                         int64_t deadline) except -1
+
+
+cdef class _ReceivePath(_SendPath):
+    cdef int _begin_receive(self, int64_t deadline) except -1
     cdef Py_ssize_t _peek(self, Py_ssize_t size) except -2
     cdef int _know(self, Py_ssize_t need, int64_t deadline) except -1
     cdef bint _await_data(self, int64_t deadline, Py_ssize_t peek_size) except -1
-    cdef int _discard(self, char *at, Py_ssize_t n) except -1
     cdef int _after_consume(self) except -1
-    cdef int _count_consumed(self, Py_ssize_t n) except -1
     cdef int _deliver(self, Py_ssize_t n) except -1
-    cdef int _flush_discards(self) except -1
     cdef int _settle(self) except -1
     cdef bint _window_valid(self) noexcept
     cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1
@@ -151,17 +171,7 @@ cdef class Channel:
     cdef int _refuse_object(self) except -1
     cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength)
     cdef _bad_message_length(self)
-    cdef int _flush_rest(self, int64_t deadline) except -1
-    cdef int _flush_pending_sends(self, int64_t deadline) except -1
-    cdef int _reserve_batch(self, Py_ssize_t extra) except -1
-    cdef int _flush_batch(self, int64_t deadline) except -1
-    cdef Py_ssize_t _unsent(self)
-    cdef int _end_batch(self, object timeout) except -1
-    cdef int _send_object(self, object data, list buffers, int64_t deadline) except -1
-    cdef int _send_buffer(self, int kind, object obj, Py_ssize_t offset, object size_obj,
-                          int64_t deadline) except -1
-    cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
-                       int64_t deadline, Py_ssize_t *progress=*) except -1
-    cdef int _send_frame(self, int kind, const char *data, Py_ssize_t size,
-                         int64_t deadline) except -1
-    cdef int _protocol_error(self, str message) except -1
+
+
+cdef class Channel(_ReceivePath):
+    pass
