@@ -27,7 +27,8 @@ from .bench import floors as _bench_floors
 from .bench import plot as _bench_plot
 from .bench import pools as _bench_pools
 from .bench import runner as _bench
-from .bench.runner import MiB, Report, format_size, format_value
+from .bench.children import MiB
+from .bench.report import MemorySection, Report, format_size, format_value
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -204,7 +205,7 @@ def _floor_lines(floors: _bench_floors.FloorsSection) -> list[str]:
     return lines
 
 
-def _memory_lines(mem: _bench.MemorySection) -> list[str]:
+def _memory_lines(mem: MemorySection) -> list[str]:
     if mem["skipped"]:
         return [f"memory: skipped ({mem['skipped']})"]
     method = mem.get("method", "rise of the peak RSS (VmHWM) during the call")

@@ -9,22 +9,13 @@ import contextlib
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
-from .peers import BenchError, Endpoint, as_buffer
-from .runner import (
-    PAYLOADS,
-    PEERS,
-    MemorySection,
-    Peer,
-    _Child,
-    _Watchdog,
-    format_size,
-    make_payload,
-    received_size,
-)
+from .children import PAYLOADS, Child, Watchdog, make_payload, received_size
+from .peers import PEERS, BenchError, Endpoint, Peer, as_buffer
+from .report import MemorySection, format_size
 
 if TYPE_CHECKING:
+    from .children import Ctrl
     from .peers import End
-    from .runner import Ctrl
 
 __all__ = ["measure_memory", "memory_unsupported_reason", "run_memory"]
 
@@ -52,19 +43,19 @@ def memory_unsupported_reason() -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return "peak-memory figures need Linux (/proc/self/clear_refs and VmHWM)"
     try:
-        _reset_peak()
-        _peak_rss()
+        reset_peak()
+        peak_rss()
     except (OSError, ValueError) as exc:
         return f"cannot reset or read the peak RSS here ({exc})"
     return None
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -72,13 +63,13 @@ def _peak_rss() -> int:
     raise ValueError("no VmHWM in /proc/self/status")
 
 
-def _memory_side(ctrl: Ctrl, dog: _Watchdog, peer_name: str, end: End, api: str,
+def _memory_side(ctrl: Ctrl, dog: Watchdog, peer_name: str, end: End, api: str,
                  size: int) -> None:
     with contextlib.closing(end):
         _memory_transfer(ctrl, dog, PEERS[peer_name].endpoint(end, size), api, size)
 
 
-def _memory_transfer(ctrl: Ctrl, dog: _Watchdog, ep: Endpoint, api: str, size: int) -> None:
+def _memory_transfer(ctrl: Ctrl, dog: Watchdog, ep: Endpoint, api: str, size: int) -> None:
     # What the call needs beforehand is allocated and written before the peak is reset: only the
     # call's own memory counts.
     data: object = None
@@ -88,8 +79,8 @@ def _memory_transfer(ctrl: Ctrl, dog: _Watchdog, ep: Endpoint, api: str, size: i
         data = PAYLOADS[_OBJECT_PAYLOAD].make(size)
     elif api == "recv_into":
         data = bytearray(size)
-    _reset_peak()
-    base = _peak_rss()
+    reset_peak()
+    base = peak_rss()
     ctrl.send(("ready", base))
     if not ctrl.poll(dog.seconds):
         raise TimeoutError("no go from the benchmark process")
@@ -107,7 +98,7 @@ def _memory_transfer(ctrl: Ctrl, dog: _Watchdog, ep: Endpoint, api: str, size: i
         moved = ep.recv_into(data)
     else:
         moved = received_size(ep.recv_obj())
-    peak = _peak_rss()
+    peak = peak_rss()
     ctrl.send(("result", {"base": base, "peak": peak, "moved": moved}))
     if not ctrl.poll(dog.seconds):
         raise TimeoutError("no stop from the benchmark process")
@@ -128,12 +119,12 @@ def measure_memory(peer: Union[Peer, str], size: int, receive_api: str = "recv")
     {"send": ..., "receive": ...}."""
     peer = PEERS[peer] if isinstance(peer, str) else peer
     first, second = peer.make_pair()
-    sides: dict[str, _Child] = {}
+    sides: dict[str, Child] = {}
     try:
-        sides["receive"] = _Child(f"{peer.name} receiver", _memory_side,
+        sides["receive"] = Child(f"{peer.name} receiver", _memory_side,
                                   (peer.name, first, receive_api, size), inherited=(second,))
         first.close()
-        sides["send"] = _Child(f"{peer.name} sender", _memory_side,
+        sides["send"] = Child(f"{peer.name} sender", _memory_side,
                                (peer.name, second, _SENDER_API[receive_api], size),
                                inherited=(sides["receive"].ctrl,))
         second.close()

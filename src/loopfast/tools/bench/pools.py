@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .memory import _peak_rss, _reset_peak, memory_unsupported_reason
+from .memory import memory_unsupported_reason, peak_rss, reset_peak
 
 __all__ = ["CONTEXTS", "ROWS", "format_report", "main", "run"]
 
@@ -112,14 +112,14 @@ def _consume(queue: Any, done: Any, n: int, measure: bool) -> None:
     done.put("ready")
     base = 0
     if measure:
-        _reset_peak()
-        base = _peak_rss()
+        reset_peak()
+        base = peak_rss()
     total = 0
     for _ in range(n):
         item = queue.get(timeout=TIMEOUT)
         total += getattr(item, "nbytes", len(item))
         del item
-    done.put((total, _peak_rss() - base if measure else None))
+    done.put((total, peak_rss() - base if measure else None))
 
 
 def _queue_run(ctx: Any, item: Any, n: int, measure: bool) -> Tuple[float, int, Any, Any]:
@@ -131,14 +131,14 @@ def _queue_run(ctx: Any, item: Any, n: int, measure: bool) -> Tuple[float, int, 
         done.get(timeout=TIMEOUT)
         base = 0
         if measure:
-            _reset_peak()
-            base = _peak_rss()
+            reset_peak()
+            base = peak_rss()
         t0 = time.perf_counter()
         for _ in range(n):
             queue.put(item)
         total, received_rise = done.get(timeout=TIMEOUT)
         elapsed = time.perf_counter() - t0
-        sent_rise = _peak_rss() - base if measure else None
+        sent_rise = peak_rss() - base if measure else None
     finally:
         child.join(TIMEOUT)
         if child.is_alive():
