@@ -7,6 +7,7 @@ checks that every one there equals the one here. The pure-Python twin (_core/cha
 imports them from here.
 """
 
+import errno
 import struct
 import sys
 
@@ -80,3 +81,5 @@ FD_MAX = ((2**64 - 1 if sys.maxsize > 2**32 else 2**32 - 1) if sys.platform == "
 # ---- listeners (connection.Listener and aio.Listener alike) ----
 ACCEPT_BURST = 64  # connections accept() takes from the backlog per wake-up, at most
 ACCEPT_PAUSE = 0.1  # seconds accepting waits after EMFILE (unless a descriptor is freed first)
+# accept() errors that mean "out of descriptors or memory": accepting pauses (ACCEPT_PAUSE)
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

@@ -75,8 +75,14 @@ from ._address import check_peer, listening_socket, resolve
 from ._backend import Channel
 from ._handshake import CONNECTOR, LISTENER, Handshake, check_authkey
 from ._peer import AllowUsers, allowed_users
-from ._wire import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
-from .connection import _OUT_OF_RESOURCES, ACCEPT_BURST, ACCEPT_PAUSE, Address, Serializer
+from ._wire import (
+    ACCEPT_BURST,
+    ACCEPT_PAUSE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    OUT_OF_RESOURCES,
+)
+from .connection import Address, Serializer
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -715,7 +721,7 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
+                if exc.errno in OUT_OF_RESOURCES:
                     self._paused_until = _running_loop().time() + ACCEPT_PAUSE
                     return
                 raise

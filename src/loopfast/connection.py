@@ -6,7 +6,6 @@ under that name). Differences are listed in README.md ("Migrating from multiproc
 """
 
 import collections
-import errno
 import multiprocessing.connection
 import os
 import select
@@ -31,7 +30,13 @@ from ._handshake import (
 )
 from ._peer import AllowUsers, allowed_users
 from ._spin import channel_spin
-from ._wire import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from ._wire import (
+    ACCEPT_BURST,
+    ACCEPT_PAUSE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    OUT_OF_RESOURCES,
+)
 
 __all__ = [
     "AuthenticationError",
@@ -47,10 +52,7 @@ __all__ = [
 
 Connection = Channel
 
-ACCEPT_BURST = 64  # connections accept() takes from the backlog per wake-up, at most
-ACCEPT_PAUSE = 0.1  # seconds accepting waits after EMFILE (unless a descriptor is freed first)
 EXPIRY_BATCH = 0.01  # handshakes that expire this close together are closed (and reported) as one
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
 
@@ -223,7 +225,7 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
+                if exc.errno in OUT_OF_RESOURCES:
                     self._pause_accepting()
                     return
                 raise
