@@ -45,6 +45,15 @@ cdef extern from "platform.h" nogil:
     uint32_t lf_load_u32le(const unsigned char *p)
 
 
+cdef struct lf_head:
+    # A frame head as _parse_head() found it (channel.pyx).
+    int kind
+    uint32_t count                 # out-of-band buffers (object messages)
+    uint64_t length                # the payload's length (an object message's: with its table)
+    Py_ssize_t size                # the head's size: the header, and an object message's table
+    int problem                    # what is wrong with a bad head (BAD_* in channel.pyx), or 0
+
+
 cdef class _ChannelBase:
     cdef lf_socket_t _fd            # the connected socket; LF_INVALID_SOCKET once closed
     cdef bint _readable             # recv* allowed (False for the write end of Pipe(duplex=False))
@@ -116,6 +125,7 @@ cdef class _ChannelBase:
     cdef char *_sbuf                # scratch space where a small frame is assembled for one send()
     cdef PyThread_type_lock _send_lock  # one sender at a time: frames never interleave
     cdef PyThread_type_lock _recv_lock  # one receiver at a time: each gets whole messages
+    cdef lf_head _head              # the head _next_head() checked last
     cdef object __weakref__
 
     cdef int _unblocked(self) except -1
@@ -158,8 +168,9 @@ cdef class _ReceivePath(_SendPath):
     cdef Py_ssize_t _recv_some(self, char *dst, Py_ssize_t size, int64_t deadline) except -1
     cdef Py_ssize_t _recv_some_v(self, lf_iovec *iov, int count, Py_ssize_t total,
                                  int64_t deadline) except -1
-    cdef str _header_error(self, const unsigned char *h)
-    cdef int _check_table(self, const unsigned char *h) except -1
+    cdef str _head_problem(self, const unsigned char *h, const lf_head *head)
+    cdef int _checked_head(self, const unsigned char *h, Py_ssize_t avail, bint objects,
+                           lf_head *head) except -1
     cdef int _next_head(self, int64_t deadline, bint objects) except -1
     cdef int _read_head(self, Py_ssize_t size, int64_t deadline) except -1
     cdef object _take_frame(self, int64_t deadline, bint consumed)

@@ -173,11 +173,68 @@ cdef inline Py_ssize_t _write(lf_socket_t fd, lf_iovec *iov, int count) noexcept
     return lf_sendv(fd, iov, count)
 
 
-cdef inline bint _plain_frame_header(const unsigned char *h, uint64_t max_size) noexcept nogil:
-    """A valid header of kind 1 or 2 within the size limit (the common case of _header_error)."""
-    return ((h[0] == KIND_BYTES or h[0] == KIND_PICKLE) and h[1] == 0 and h[2] == 0 and h[3] == 0
-            and lf_load_u32le(h + 4) == 0 and lf_load_u64le(h + 8) <= max_size
-            and lf_load_u64le(h + 8) <= <uint64_t>PY_SSIZE_T_MAX)
+# What _parse_head() finds, and what is wrong with a bad head (lf_head.problem).
+cdef enum:
+    HEAD_MORE = 0  # not all of the head is there yet
+    HEAD_OK = 1    # a valid head, all there
+    HEAD_BAD = 2   # a malformed head
+cdef enum:
+    BAD_HEADER = 1     # a kind, flag, reserved byte or count this protocol version does not have
+    BAD_OOB_COUNT = 2  # more out-of-band buffers than allowed, or than the length can hold
+    BAD_OVER_LIMIT = 3  # a length over the channel's max_message_size
+    BAD_OVER_MACHINE = 4  # a length over what this machine can address
+    BAD_TABLE = 5      # an object message's part sizes that do not add up to its length
+
+
+cdef inline int _parse_head(const unsigned char *h, Py_ssize_t avail, uint64_t max_size,
+                            lf_head *head) noexcept nogil:
+    """The one place a frame head is parsed: the `avail` bytes at `h` from the start of a frame.
+    HEAD_OK: a valid head (the header and, for an object message, its size table) all there;
+    HEAD_MORE: not all of it there yet (head.size, once the header is there, says how much is
+    needed; the header's fields are then known and valid); HEAD_BAD: a malformed head
+    (head.problem says why). The twin's _parse_head (receiving_py.py) is the same."""
+    cdef uint64_t total, size
+    cdef uint32_t i
+    head.size = HEADER_SIZE
+    head.problem = 0
+    if avail < HEADER_SIZE:
+        head.kind = 0
+        head.count = 0
+        head.length = 0
+        return HEAD_MORE
+    head.kind = h[0]
+    head.count = lf_load_u32le(h + 4)
+    head.length = lf_load_u64le(h + 8)
+    # `count` is the number of out-of-band buffers: not 0 exactly for an object message.
+    if (head.kind < KIND_BYTES or head.kind > KIND_OBJECT or h[1] != 0 or h[2] != 0 or h[3] != 0
+            or (head.count != 0) != (head.kind == KIND_OBJECT)):
+        head.problem = BAD_HEADER
+    elif head.kind == KIND_OBJECT and (head.count > MAX_OOB_BUFFERS
+                                       or head.length < 8 * (<uint64_t>head.count + 1)):
+        head.problem = BAD_OOB_COUNT
+    elif head.length > max_size:
+        head.problem = BAD_OVER_LIMIT
+    elif head.length > <uint64_t>PY_SSIZE_T_MAX:
+        head.problem = BAD_OVER_MACHINE
+    if head.problem:
+        return HEAD_BAD
+    if head.kind != KIND_OBJECT:
+        return HEAD_OK
+    head.size = HEADER_SIZE + 8 * (<Py_ssize_t>head.count + 1)
+    if avail < head.size:
+        return HEAD_MORE
+    # The size table must add up to the frame's length (before anything is allocated).
+    total = 8 * (<uint64_t>head.count + 1)
+    for i in range(head.count + 1):
+        size = lf_load_u64le(h + HEADER_SIZE + 8 * i)
+        if size > head.length or total + size > head.length:  # no overflow
+            head.problem = BAD_TABLE
+            return HEAD_BAD
+        total += size
+    if total != head.length:
+        head.problem = BAD_TABLE
+        return HEAD_BAD
+    return HEAD_OK
 
 
 cdef inline void _store_header(unsigned char *h, int kind, uint32_t count,
@@ -187,13 +244,6 @@ cdef inline void _store_header(unsigned char *h, int kind, uint32_t count,
     h[1] = h[2] = h[3] = 0
     lf_store_u32le(h + 4, count)
     lf_store_u64le(h + 8, length)
-
-
-cdef inline Py_ssize_t _head_size(const unsigned char *h) noexcept nogil:
-    """The size of a frame's head: its header, and for an object message its size table."""
-    if h[0] == KIND_OBJECT:
-        return HEADER_SIZE + 8 * (<Py_ssize_t>lf_load_u32le(h + 4) + 1)
-    return HEADER_SIZE
 
 
 cdef list _object_parts(const unsigned char *h):

@@ -128,6 +128,7 @@ class Channel(ReceivePath, SendPath):
         # were consumed into _rbuf because only part of it had arrived; the rest is read as it
         # arrives.
         "_head_have",
+        "_head",             # the head _next_head() checked: (kind, count, length, head size)
         "_last_recv_was_empty",   # a direct read came back short: wait before the next one
         "_sent_since_recv",  # sent since the last receive (the compiled channel then spins)
         "_deferred_handshake",  # a Handshake whose rest runs at first use, or None
@@ -192,6 +193,7 @@ class Channel(ReceivePath, SendPath):
         self._queue_empty = True
         self._peek_saw_all = True
         self._head_have = 0
+        self._head = None
         self._last_recv_was_empty = True
         self._sent_since_recv = False
         self._deferred_handshake = None

@@ -48,12 +48,13 @@ cdef class _ReceivePath(_SendPath):
         receive discards them with its own)."""
         cdef Py_ssize_t avail = self._rend - self._rstart
         cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+        cdef lf_head head
         if lf_counter_load(self._ledger + 1) == 0:
             return 0
         if self._shared:  # a process we cannot see may receive next: it must find none
             return self._flush_discards()
-        if avail >= HEADER_SIZE and self._header_error(h) is None \
-                and <Py_ssize_t>lf_load_u64le(h + 8) <= avail - HEADER_SIZE:
+        if _parse_head(h, avail, self._max_message_size, &head) == HEAD_OK \
+                and <Py_ssize_t>head.length <= avail - HEADER_SIZE:
             return 0
         return self._flush_discards()
 
@@ -187,83 +188,74 @@ cdef class _ReceivePath(_SendPath):
                 self._protocol_error(
                     f"connection lost in the middle of a message ({_os_error_text(err)})")
 
-    cdef str _header_error(self, const unsigned char *h):
-        """What is wrong with the frame header at `h` (HEADER_SIZE bytes), or None."""
-        cdef uint64_t n = lf_load_u64le(h + 8)
-        cdef uint32_t count = lf_load_u32le(h + 4)
-        if h[0] < KIND_BYTES or h[0] > KIND_OBJECT or h[1] != 0 or h[2] != 0 or h[3] != 0 \
-                or (count != 0) != (h[0] == KIND_OBJECT):
+    cdef str _head_problem(self, const unsigned char *h, const lf_head *head):
+        """What is wrong with the bad frame head at `h` that _parse_head() found."""
+        if head.problem == BAD_HEADER:
             return ("malformed frame header " + (<bytes>h[:HEADER_SIZE]).hex()
                     + " (is the peer a loopfast channel of the same protocol version?)")
-        if h[0] == KIND_OBJECT and (count > MAX_OOB_BUFFERS or n < 8 * (<uint64_t>count + 1)):
-            return (f"malformed object frame: {count} out-of-band buffers "
-                    f"(at most {MAX_OOB_BUFFERS}) in {n} bytes")
-        if n > self._max_message_size:
-            return (f"the peer announced a {n}-byte message, over this channel's "
+        if head.problem == BAD_OOB_COUNT:
+            return (f"malformed object frame: {head.count} out-of-band buffers "
+                    f"(at most {MAX_OOB_BUFFERS}) in {head.length} bytes")
+        if head.problem == BAD_OVER_LIMIT:
+            return (f"the peer announced a {head.length}-byte message, over this channel's "
                     f"max_message_size of {self._max_message_size_obj} bytes")
-        if n > <uint64_t>PY_SSIZE_T_MAX:
-            return f"the peer announced a {n}-byte message, too large for this machine"
-        return None
+        if head.problem == BAD_OVER_MACHINE:
+            return f"the peer announced a {head.length}-byte message, too large for this machine"
+        return (f"malformed object frame: the sizes of its {head.count + 1} parts do not add up "
+                f"to its length of {head.length} bytes")
 
-    cdef int _check_table(self, const unsigned char *h) except -1:
-        """An object frame's size table (after the header at `h`) must add up to its length."""
-        cdef uint32_t count = lf_load_u32le(h + 4), i
-        cdef uint64_t length = lf_load_u64le(h + 8), size, total = 8 * (<uint64_t>count + 1)
-        for i in range(count + 1):
-            size = lf_load_u64le(h + HEADER_SIZE + 8 * i)
-            if size > length or total + size > length:  # no overflow
-                total = length + 1
-                break
-            total += size
-        if total != length:
-            self._protocol_error(f"malformed object frame: the sizes of its {count + 1} parts "
-                                 f"do not add up to its length of {length} bytes")
-        return 0
+    cdef int _checked_head(self, const unsigned char *h, Py_ssize_t avail, bint objects,
+                           lf_head *head) except -1:
+        """_parse_head(), with a bad head raised (ProtocolError, the channel closes) and an
+        object message refused when not `objects` (OSError, from its header alone: then only
+        the header is parsed, a frame of another kind having no more). Returns the status."""
+        cdef int status = _parse_head(h, avail if objects else min(avail, HEADER_SIZE),
+                                      self._max_message_size, head)
+        if status == HEAD_BAD:
+            self._protocol_error(self._head_problem(h, head))
+        if head.kind == KIND_OBJECT and not objects:
+            self._refuse_object()
+        return status
 
     cdef int _next_head(self, int64_t deadline, bint objects) except -1:
-        """Wait for the next frame's head (its header and, for an object message, its size table),
-        check it (a bad one closes the channel: ProtocolError, before anything is allocated; an
-        object message when not `objects`: OSError from the header alone, the message left in place)
-        and return 0 when it is in the window at _rstart, not consumed (the usual case), or 1 when
-        it was consumed into _rbuf[0:_head_have] because it arrived in pieces
-        (a consumed head stays there until its payload has been allocated)."""
+        """Wait for the next frame's head (its header and, for an object message, its size
+        table), check it (a bad one closes the channel: ProtocolError, before anything is
+        allocated; an object message when not `objects`: OSError from the header alone, the
+        message left in place), keep it in _head, and return 0 when it is in the window at
+        _rstart, not consumed (the usual case), or 1 when it was consumed into
+        _rbuf[0:_head_have] because it arrived in pieces (a consumed head stays there until its
+        payload has been allocated)."""
         cdef const unsigned char *h
-        cdef Py_ssize_t head_size
-        cdef str error
+        cdef Py_ssize_t have
+        cdef lf_head head
+        cdef int status
         while True:
             if self._head_have > 0:
                 self._read_head(HEADER_SIZE, deadline)
                 h = <const unsigned char *>self._rbuf
-                error = self._header_error(h)
-                if error is not None:
-                    self._protocol_error(error)
-                if h[0] == KIND_OBJECT and not objects:
-                    self._refuse_object()
-                self._read_head(_head_size(h), deadline)
-                if h[0] == KIND_OBJECT:
-                    self._check_table(h)
+                status = self._checked_head(h, self._head_have, objects, &head)
+                if status == HEAD_MORE:
+                    self._read_head(head.size, deadline)
+                    self._checked_head(h, self._head_have, objects, &head)
+                self._head = head
                 return 1
             if self._know(HEADER_SIZE, deadline) == 0:
                 h = <const unsigned char *>(self._rbuf + self._rstart)
-                error = self._header_error(h)
-                if error is not None:
-                    self._protocol_error(error)
-                if h[0] == KIND_OBJECT and not objects:
-                    self._refuse_object()
-                head_size = _head_size(h)
-                if self._know(head_size, deadline) == 0:
-                    h = <const unsigned char *>(self._rbuf + self._rstart)  # a peek moves it
-                    if h[0] == KIND_OBJECT:
-                        self._check_table(h)
+                status = self._checked_head(h, self._rend - self._rstart, objects, &head)
+                if status == HEAD_OK or self._know(head.size, deadline) == 0:
+                    if status == HEAD_MORE:
+                        h = <const unsigned char *>(self._rbuf + self._rstart)  # a peek moves it
+                        self._checked_head(h, self._rend - self._rstart, objects, &head)
+                    self._head = head
                     return 0
             # Only part of the head is queued: take it, and read the rest as it arrives.
-            head_size = self._rend - self._rstart
+            have = self._rend - self._rstart
             self._flush_discards()
-            memmove(self._rbuf, self._rbuf + self._rstart, head_size)
+            memmove(self._rbuf, self._rbuf + self._rstart, have)
             self._rstart = self._rend = 0
-            self._discard(self._rbuf, head_size)
-            self._count_consumed(head_size)
-            self._head_have = head_size
+            self._discard(self._rbuf, have)
+            self._count_consumed(have)
+            self._head_have = have
             self._last_recv_was_empty = True
 
     cdef int _read_head(self, Py_ssize_t size, int64_t deadline) except -1:
@@ -284,13 +276,13 @@ cdef class _ReceivePath(_SendPath):
         MemoryError leaves the message pending, resumed by the next receive."""
         cdef const unsigned char *h = <const unsigned char *>(
             self._rbuf if consumed else self._rbuf + self._rstart)
-        cdef Py_ssize_t length = <Py_ssize_t>lf_load_u64le(h + 8)
-        cdef int kind = h[0]
+        cdef Py_ssize_t length = <Py_ssize_t>self._head.length
+        cdef int kind = self._head.kind
         cdef object out
         if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
             if kind == KIND_OBJECT:
                 out = _object_parts(h)
-                _copy_parts(out, <const char *>h + _head_size(h))
+                _copy_parts(out, <const char *>h + self._head.size)
             else:
                 out = PyBytes_FromStringAndSize(<const char *>h + HEADER_SIZE, length)
             self._deliver(HEADER_SIZE + length)
@@ -317,7 +309,7 @@ cdef class _ReceivePath(_SendPath):
             self._head_have = 0
         else:
             self._flush_discards()
-            head_size = _head_size(<const unsigned char *>(self._rbuf + self._rstart))
+            head_size = self._head.size
             self._discard(self._rbuf + self._rstart, head_size)
             self._count_consumed(head_size)
         self._rstart = self._rend = 0
@@ -478,8 +470,7 @@ cdef class _ReceivePath(_SendPath):
                 self._bad_message_length()
             return self._finish_pending(deadline)[0]
         consumed = self._next_head(deadline, False)
-        h = <const unsigned char *>(self._rbuf if consumed else self._rbuf + self._rstart)
-        if maxlength >= 0 and <Py_ssize_t>lf_load_u64le(h + 8) > maxlength:
+        if maxlength >= 0 and <Py_ssize_t>self._head.length > maxlength:
             self._bad_message_length()
         return self._take_frame(deadline, consumed)
 
@@ -492,6 +483,7 @@ cdef class _ReceivePath(_SendPath):
         """
         cdef Py_ssize_t limit = -1, length, taken, pos, took, looks = 0
         cdef const unsigned char *h
+        cdef lf_head head
         cdef list out
         cdef bint short_of_memory = False
         self._check_readable()
@@ -509,11 +501,12 @@ cdef class _ReceivePath(_SendPath):
             while limit < 0 or taken < limit:
                 # Every whole plain frame in the window, up to the limit.
                 pos = self._rstart
-                while (limit < 0 or taken < limit) and self._rend - pos >= HEADER_SIZE:
+                while limit < 0 or taken < limit:
                     h = <const unsigned char *>(self._rbuf + pos)
-                    if not _plain_frame_header(h, self._max_message_size):
-                        break  # an object message or a bad header: the next call takes it
-                    length = <Py_ssize_t>lf_load_u64le(h + 8)
+                    if _parse_head(h, self._rend - pos, self._max_message_size, &head) != HEAD_OK \
+                            or head.kind == KIND_OBJECT:
+                        break  # an object message, a bad header, or more to come: next call
+                    length = <Py_ssize_t>head.length
                     if length > self._rend - pos - HEADER_SIZE:
                         break  # not all queued yet
                     try:
@@ -611,9 +604,8 @@ cdef class _ReceivePath(_SendPath):
                     memcpy(dst, PyBytes_AS_STRING(payload), length)
                     return length
                 consumed = self._next_head(deadline, False)
-                h = <const unsigned char *>(self._rbuf if consumed else self._rbuf + self._rstart)
-                kind = h[0]
-                length = <Py_ssize_t>lf_load_u64le(h + 8)
+                kind = self._head.kind
+                length = <Py_ssize_t>self._head.length
                 if length > space:
                     payload = self._take_frame(deadline, consumed)
                     self._sent_since_recv = False
@@ -682,12 +674,15 @@ cdef class _ReceivePath(_SendPath):
         """True if a whole message (or a malformed header) is known to be queued (no syscall)."""
         cdef Py_ssize_t avail = self._rend - self._rstart
         cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
+        cdef lf_head head
+        cdef int status
         if self._fd == LF_INVALID_SOCKET or avail < HEADER_SIZE or self._pending is not None \
                 or self._head_have > 0 or not self._window_valid():
             return False
-        if self._header_error(h) is not None:
-            return True  # ready: the receive will raise the ProtocolError
-        return <Py_ssize_t>lf_load_u64le(h + 8) <= avail - HEADER_SIZE
+        status = _parse_head(h, avail, self._max_message_size, &head)
+        # A malformed head is ready: the receive will raise the ProtocolError.
+        return status == HEAD_BAD or (status == HEAD_OK
+                                      and <Py_ssize_t>head.length <= avail - HEADER_SIZE)
 
     def _recv_raw(self, Py_ssize_t max_size, *, timeout=None):
         """Return between 1 and `max_size` received bytes, waiting for the first one. Never

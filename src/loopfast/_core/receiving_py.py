@@ -41,6 +41,10 @@ from .support_py import (
     _take,
 )
 
+# What _parse_head() found.
+HEAD_MORE = 0  # not all of the head is there yet
+HEAD_OK = 1    # a valid head, all there
+HEAD_BAD = 2   # a malformed head
 
 class ReceivePath:
     """The receive half of the twin's Channel (channel_py.py), which holds the state."""
@@ -188,72 +192,72 @@ class ReceivePath:
                     "the peer closed the connection in the middle of a message")
             self._last_recv_was_empty = True
 
-    def _header_error(self, at):
-        """Check the frame header at _rbuf[at:at + HEADER_SIZE]: None if it is valid, else what
-        is wrong with it. No side effects."""
+    def _parse_head(self, at, avail):
+        """The one place a frame head is parsed: the `avail` bytes at _rbuf[at:] from the start
+        of a frame. Returns (status, kind, count, length, head_size, error): HEAD_OK, a valid
+        head (its header and, for an object message, its size table) all there; HEAD_MORE, not
+        all of it there yet (head_size, once the header is there, says how much is needed; the
+        header's fields are known and valid from then on); HEAD_BAD, a malformed head, `error`
+        saying what is wrong. No side effects."""
+        if avail < HEADER_SIZE:
+            return HEAD_MORE, 0, 0, 0, HEADER_SIZE, None
         kind, flags, reserved, count, length = FRAME_HEADER.unpack_from(self._rbuf, at)
         # `count` is the number of out-of-band buffers: not 0 exactly for an object message.
         if (kind not in (KIND_BYTES, KIND_PICKLE, KIND_OBJECT) or flags or reserved
                 or (count != 0) != (kind == KIND_OBJECT)):
             header = bytes(self._rview[at:at + HEADER_SIZE])
-            return ("malformed frame header " + header.hex()
-                    + " (is the peer a loopfast channel of the same protocol version?)")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
+                "malformed frame header " + header.hex()
+                + " (is the peer a loopfast channel of the same protocol version?)")
         if kind == KIND_OBJECT and (count > MAX_OOB_BUFFERS or length < 8 * (count + 1)):
-            return (f"malformed object frame: {count} out-of-band buffers "
-                    f"(at most {MAX_OOB_BUFFERS}) in {length} bytes")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
+                f"malformed object frame: {count} out-of-band buffers "
+                f"(at most {MAX_OOB_BUFFERS}) in {length} bytes")
         if length > self._max_message_size:
-            return (f"the peer announced a {length}-byte message, over this channel's "
-                    f"max_message_size of {self._max_message_size_obj} bytes")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
+                f"the peer announced a {length}-byte message, over this channel's "
+                f"max_message_size of {self._max_message_size_obj} bytes")
         if length > sys.maxsize:
-            return f"the peer announced a {length}-byte message, too large for this machine"
-        return None
-
-    def _head_size(self, at):
-        """The size of the (valid) frame head at _rbuf[at:]: its header, and for an object
-        message its size table."""
-        kind, _, _, count, _ = FRAME_HEADER.unpack_from(self._rbuf, at)
-        return HEADER_SIZE + 8 * (count + 1) if kind == KIND_OBJECT else HEADER_SIZE
-
-    def _check_table(self, at):
-        """An object frame's size table (after the header at _rbuf[at:]) must add up to its
-        length; otherwise the channel closes (ProtocolError), before anything is allocated."""
-        _, _, _, count, length = FRAME_HEADER.unpack_from(self._rbuf, at)
-        sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, at + HEADER_SIZE)
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
+                f"the peer announced a {length}-byte message, too large for this machine")
+        if kind != KIND_OBJECT:
+            return HEAD_OK, kind, 0, length, HEADER_SIZE, None
+        head_size = HEADER_SIZE + 8 * (count + 1)
+        if avail < head_size:
+            return HEAD_MORE, kind, count, length, head_size, None
+        # The size table must add up to the frame's length (before anything is allocated).
         # Python integers do not wrap around: sizes whose u64 sum would overflow do not add up.
+        sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, at + HEADER_SIZE)
         if 8 * (count + 1) + sum(sizes) != length:
-            raise self._protocol_error(
+            return HEAD_BAD, kind, count, length, head_size, (
                 f"malformed object frame: the sizes of its {count + 1} parts do not add up to "
                 f"its length of {length} bytes")
+        return HEAD_OK, kind, count, length, head_size, None
 
     def _next_head(self, deadline, objects):
         """Wait for the next frame's head (its header and, for an object message, its size
         table), check it (a bad one closes the channel: ProtocolError, before anything is
         allocated; an object message when not `objects`: OSError from the header alone, the
-        message left in place) and return False when it is in the window at _rstart, not
-        consumed (the usual case), or True when it was consumed into _rbuf[0:_head_have] because
-        it arrived in pieces (a consumed head stays there until its payload has been
-        allocated)."""
+        message left in place), keep it in _head (kind, count, length, head size) and return
+        False when it is in the window at _rstart, not consumed (the usual case), or True when
+        it was consumed into _rbuf[0:_head_have] because it arrived in pieces (a consumed head
+        stays there until its payload has been allocated)."""
         while True:
             if self._head_have > 0:
                 self._read_head(HEADER_SIZE, deadline)
-                error = self._header_error(0)
-                if error is not None:
-                    raise self._protocol_error(error)
-                if self._rbuf[0] == KIND_OBJECT and not objects:
-                    self._refuse_object()
-                self._read_head(self._head_size(0), deadline)
-                if self._rbuf[0] == KIND_OBJECT:
-                    self._check_table(0)
+                head = self._checked_head(0, self._head_have, objects)
+                if head[0] == HEAD_MORE:
+                    self._read_head(head[4], deadline)
+                    head = self._checked_head(0, self._head_have, objects)
+                self._head = head[1:5]
                 return True
             if self._know(HEADER_SIZE, deadline):
-                error = self._header_error(self._rstart)
-                if error is not None:
-                    raise self._protocol_error(error)
-                if self._rbuf[self._rstart] == KIND_OBJECT and not objects:
-                    self._refuse_object()
-                if self._know(self._head_size(self._rstart), deadline):  # a peek moves _rstart
-                    if self._rbuf[self._rstart] == KIND_OBJECT:
-                        self._check_table(self._rstart)
+                head = self._checked_head(self._rstart, self._rend - self._rstart, objects)
+                if head[0] == HEAD_OK or self._know(head[4], deadline):  # a peek moves _rstart
+                    if head[0] == HEAD_MORE:
+                        head = self._checked_head(self._rstart, self._rend - self._rstart,
+                                                  objects)
+                    self._head = head[1:5]
                     return False
             # Only part of the head is queued: take it, and read the rest as it arrives.
             have = self._rend - self._rstart
@@ -263,6 +267,17 @@ class ReceivePath:
             self._discard(0, have)
             self._head_have = have
             self._last_recv_was_empty = True
+
+    def _checked_head(self, at, avail, objects):
+        """_parse_head(), with a bad head raised (ProtocolError, the channel closes) and an
+        object message refused when not `objects` (OSError, from its header alone: then only
+        the header is parsed, a frame of another kind having no more)."""
+        head = self._parse_head(at, avail if objects else min(avail, HEADER_SIZE))
+        if head[0] == HEAD_BAD:
+            raise self._protocol_error(head[5])
+        if head[1] == KIND_OBJECT and not objects:
+            self._refuse_object()
+        return head
 
     def _read_head(self, size, deadline):
         """Head mode: receive the head into _rbuf, exactly up to `size` bytes."""
@@ -296,11 +311,11 @@ class ReceivePath:
         from any other, the parts are allocated as the bytes arrive (_reserve), and a
         MemoryError leaves the message pending, resumed by the next receive."""
         at = 0 if consumed else self._rstart
-        kind, _, _, _, length = FRAME_HEADER.unpack_from(self._rbuf, at)
+        kind, _, length, head_size = self._head
         if not consumed and HEADER_SIZE + length <= self._rend - self._rstart:
             if kind == KIND_OBJECT:
                 out = self._object_parts(at)
-                pos = at + self._head_size(at)
+                pos = at + head_size
                 for part in out:
                     part[:] = self._rview[pos:pos + len(part)]
                     pos += len(part)
@@ -330,7 +345,7 @@ class ReceivePath:
         if consumed:
             self._head_have = 0
         else:
-            self._discard(self._rstart, self._head_size(self._rstart))
+            self._discard(self._rstart, self._head[3])
         self._rstart = self._rend = 0
         self._last_recv_was_empty = False  # the payload is probably queued already
 
@@ -468,8 +483,7 @@ class ReceivePath:
                 self._bad_message_length()
             return self._finish_pending(deadline)[0]
         consumed = self._next_head(deadline, False)
-        at = 0 if consumed else self._rstart
-        if maxlength is not None and FRAME_HEADER.unpack_from(self._rbuf, at)[4] > maxlength:
+        if maxlength is not None and self._head[2] > maxlength:
             self._bad_message_length()
         return self._take_frame(deadline, consumed)
 
@@ -496,10 +510,10 @@ class ReceivePath:
             while limit is None or len(out) < limit:
                 # Every whole plain frame in the window, up to the limit.
                 pos = self._rstart
-                while (limit is None or len(out) < limit) and self._rend - pos >= HEADER_SIZE:
-                    if self._rbuf[pos] == KIND_OBJECT or self._header_error(pos) is not None:
-                        break  # an object message or a bad header: the next call takes it
-                    length = FRAME_HEADER.unpack_from(self._rbuf, pos)[4]
+                while limit is None or len(out) < limit:
+                    status, kind, _, length, _, _ = self._parse_head(pos, self._rend - pos)
+                    if status != HEAD_OK or kind == KIND_OBJECT:
+                        break  # an object message, a bad header, or more to come: next call
                     if length > self._rend - pos - HEADER_SIZE:
                         break  # not all queued yet
                     try:
@@ -588,8 +602,7 @@ class ReceivePath:
             dst[offset:offset + len(payload)] = payload
             return len(payload)
         consumed = self._next_head(deadline, False)
-        at = 0 if consumed else self._rstart
-        kind, _, _, _, length = FRAME_HEADER.unpack_from(self._rbuf, at)
+        kind, _, length, _ = self._head
         if length > space:
             payload = self._take_frame(deadline, consumed)
             self._sent_since_recv = False
@@ -651,9 +664,9 @@ class ReceivePath:
         if (self._sock is None or self._shared or avail < HEADER_SIZE
                 or self._pending is not None or self._head_have > 0):
             return False
-        if self._header_error(self._rstart) is not None:
-            return True  # ready: the receive will raise the ProtocolError
-        return FRAME_HEADER.unpack_from(self._rbuf, self._rstart)[4] <= avail - HEADER_SIZE
+        status, _, _, length, _, _ = self._parse_head(self._rstart, avail)
+        # A malformed head is ready: the receive will raise the ProtocolError.
+        return status == HEAD_BAD or (status == HEAD_OK and length <= avail - HEADER_SIZE)
 
     def _recv_raw(self, max_size, *, timeout=None):
         """Return between 1 and `max_size` received bytes, waiting for the first one. Never
