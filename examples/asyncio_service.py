@@ -39,6 +39,7 @@ class CounterService:
     def __init__(self) -> None:
         self.counters: dict = {}
         self.refused = 0  # connections turned away for a wrong key
+        self.a_refusal = asyncio.Event()  # set at the first one
         self.handlers: list = []  # one task per connection
 
     async def accept_forever(self, listener: loopfast.aio.Listener) -> None:
@@ -47,6 +48,7 @@ class CounterService:
                 channel = await listener.accept()  # the handshake and key check run here
             except loopfast.AuthenticationError:
                 self.refused += 1  # a wrong key: nothing the client sent was read
+                self.a_refusal.set()
                 continue
             except (loopfast.ProtocolError, TimeoutError):
                 continue  # not a loopfast client, or one too slow to finish the handshake
@@ -110,6 +112,9 @@ async def run(clients: int, requests: int) -> tuple:
             worker.start()
         # Wait for the clients to finish without blocking the event loop, which serves them.
         await asyncio.to_thread(join_all, processes + threads)
+        # The intruder may learn of its refusal (the service's proof does not match its key)
+        # before the service has checked its proof in turn: wait for the service's verdict.
+        await asyncio.wait_for(service.a_refusal.wait(), TIMEOUT)
         accepting.cancel()
         # Every client has closed its connection: each handler ends at its EOF.
         await asyncio.wait_for(asyncio.gather(*service.handlers), TIMEOUT)
