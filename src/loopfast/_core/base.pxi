@@ -45,7 +45,7 @@ cdef class _ChannelBase:
             if self._blocked == 0 and self._deferred_close_fd != LF_INVALID_SOCKET:
                 lf_close(self._deferred_close_fd)
                 self._deferred_close_fd = LF_INVALID_SOCKET
-            raise OSError("handle is closed (by another thread, while this one waited)")
+            raise OSError(_messages.CLOSED_WHILE_WAITING)
         return 0
 
     cdef int _check_readable(self) except -1:
@@ -192,7 +192,7 @@ cdef class _ChannelBase:
                 self._deferred_handshake = None
                 return 0
             if deadline == 0 or self._wait(LF_POLLIN, deadline):
-                raise TimeoutError("timed out waiting for a message")
+                raise TimeoutError(_messages.TIMED_OUT_WAITING)
 
     cdef int _check_handshake_now(self) except -1:
         """Before a send: finish a deferred handshake if the peer's hello has arrived, without
@@ -224,6 +224,6 @@ cdef class _ChannelBase:
             if got < 0 and lf_error_would_block(err):
                 self._protocol_error("bytes this channel had seen queued were taken by someone "
                                      "else (another process receiving without a lock?)")
-            self._protocol_error("connection lost in the middle of a message"
+            self._protocol_error(_messages.LOST_MID_MESSAGE
                                  + ("" if got == 0 else f" ({_os_error_text(err)})"))
         return 0

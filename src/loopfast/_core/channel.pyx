@@ -28,6 +28,7 @@ import weakref
 from multiprocessing.reduction import ForkingPickler
 
 from .._errors import BufferTooShort, ProtocolError
+from .. import _messages
 from .._pickling import dumps_out_of_band as _pickle
 from .._wire import DEFAULT_MAX_MESSAGE_SIZE, FD_MAX as _FD_MAX
 
@@ -347,7 +348,7 @@ cdef inline int64_t _deadline(object timeout) except? -2:
         return -1
     seconds = timeout
     if seconds != seconds:
-        raise ValueError("timeout must be a number, not NaN")
+        raise ValueError(_messages.NAN_TIMEOUT)
     if seconds <= 0:
         return lf_monotonic_ns()
     if seconds > 1e9:
@@ -385,8 +386,7 @@ cdef inline int _lock(PyThread_type_lock lock, int64_t deadline, str what) excep
         else:
             remaining = deadline - lf_monotonic_ns()
             if remaining <= 0:
-                raise TimeoutError(f"timed out waiting for another thread's {what} on this "
-                                   "channel to finish")
+                raise TimeoutError(_messages.TIMED_OUT_LOCK.format(what=what))
             microseconds = (remaining + 999) // 1000
         with nogil:
             status = PyThread_acquire_lock_timed(lock, microseconds, 1)
@@ -450,7 +450,7 @@ cdef class Channel(_ReceivePath):
     def __init__(self, fd, bint readable=True, bint writable=True, *,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, serializer=None, spin=None):
         if not readable and not writable:
-            raise ValueError("at least one of `readable` and `writable` must be True")
+            raise ValueError(_messages.NEITHER_DIRECTION)
         self.spin = spin
         _check_serializer(serializer)
         self._serializer = serializer
@@ -458,7 +458,7 @@ cdef class Channel(_ReceivePath):
             self._max_message_size = UINT64_MAX
         else:
             if max_message_size < 0:
-                raise ValueError("max_message_size must be >= 0 or None")
+                raise ValueError(_messages.BAD_MAX_MESSAGE_SIZE)
             self._max_message_size = operator.index(max_message_size)  # no silent float truncation
         self._max_message_size_obj = max_message_size
         fd = operator.index(fd)
@@ -548,7 +548,7 @@ cdef class Channel(_ReceivePath):
             self._spin_ns = -1
             return
         if not microseconds >= 0:  # also refuses NaN
-            raise ValueError("spin must be a number of microseconds >= 0, or None")
+            raise ValueError(_messages.BAD_SPIN)
         self._spin_ns = <int64_t>(min(microseconds, 1e9) * 1000)
 
     @property
@@ -640,14 +640,13 @@ cdef class Channel(_ReceivePath):
         handshake, or the discards of a receive that ended just before _shared was set, make
         the handover wait for the receive lock."""
         if self._send_rest is not None:
-            raise OSError("cannot hand over a channel in the middle of sending a message")
+            raise OSError(_messages.HANDOVER_MID_SEND)
         self._shared = True
         while True:
             if PyThread_acquire_lock(self._recv_lock, NOWAIT_LOCK):
                 try:
                     if self._pending is not None or self._head_have > 0:
-                        raise OSError("cannot hand over a channel in the middle of receiving a "
-                                      "large message")
+                        raise OSError(_messages.HANDOVER_MID_RECEIVE)
                     self._flush_discards()
                     if self._deferred_handshake is not None:
                         self._finish_handshake(-1)

@@ -48,6 +48,7 @@ import time
 import warnings
 import weakref
 
+from .. import _messages
 from .._errors import ProtocolError
 from .._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -164,7 +165,7 @@ class Channel(ReceivePath, SendPath):
         readable = bool(readable)
         writable = bool(writable)
         if not readable and not writable:
-            raise ValueError("at least one of `readable` and `writable` must be True")
+            raise ValueError(_messages.NEITHER_DIRECTION)
         if serializer is not None and not (callable(getattr(serializer, "dumps", None))
                                            and callable(getattr(serializer, "loads", None))):
             raise TypeError("serializer must have dumps(obj) -> bytes-like and loads(data) -> "
@@ -175,7 +176,7 @@ class Channel(ReceivePath, SendPath):
             limit = _UINT64_MAX
         else:
             if max_message_size < 0:
-                raise ValueError("max_message_size must be >= 0 or None")
+                raise ValueError(_messages.BAD_MAX_MESSAGE_SIZE)
             limit = operator.index(max_message_size)
             if limit > _UINT64_MAX:
                 raise OverflowError("Python int too large to convert to C unsigned long")
@@ -271,7 +272,7 @@ class Channel(ReceivePath, SendPath):
     @spin.setter
     def spin(self, microseconds):
         if microseconds is not None and not microseconds >= 0:  # also refuses NaN
-            raise ValueError("spin must be a number of microseconds >= 0, or None")
+            raise ValueError(_messages.BAD_SPIN)
         self._spin = None if microseconds is None else float(min(microseconds, 1e9))
 
     @property
@@ -418,7 +419,7 @@ class Channel(ReceivePath, SendPath):
                 self._deferred_handshake = None
                 return
             if self._wait(_POLLIN, deadline):
-                raise TimeoutError("timed out waiting for a message")
+                raise TimeoutError(_messages.TIMED_OUT_WAITING)
 
     def _advance_handshake_nowait(self):
         """Before a send: check the peer's hello of a deferred handshake if it has arrived, without
@@ -467,14 +468,13 @@ class Channel(ReceivePath, SendPath):
         pool starts workers) is not waited for: this twin holds nothing delivered in the socket
         between its steps. Only a deferred handshake waits for that receive to finish it."""
         if self._send_rest is not None:
-            raise OSError("cannot hand over a channel in the middle of sending a message")
+            raise OSError(_messages.HANDOVER_MID_SEND)
         self._shared = True
         while True:
             if self._recv_lock.acquire(False):
                 try:
                     if self._pending is not None or self._head_have > 0:
-                        raise OSError("cannot hand over a channel in the middle of receiving a "
-                                      "large message")
+                        raise OSError(_messages.HANDOVER_MID_RECEIVE)
                     if self._deferred_handshake is not None:
                         self._finish_handshake(-1)
                 finally:

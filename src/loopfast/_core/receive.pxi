@@ -108,7 +108,7 @@ cdef class _ReceivePath(_SendPath):
                 self._streaming = not slept
                 return 0 if n >= need else 1
             if n == 0:
-                raise EOFError("the peer closed the connection")
+                raise EOFError(_messages.PEER_CLOSED)
             slept = self._await_data(deadline, size)
 
     cdef bint _await_data(self, int64_t deadline, Py_ssize_t peek_size) except -1:
@@ -132,7 +132,7 @@ cdef class _ReceivePath(_SendPath):
         self._spin_peeked = False
         if self._wait(LF_POLLIN, deadline, peek_size):
             self._spin_peeked = False
-            raise TimeoutError("timed out waiting for a message")
+            raise TimeoutError(_messages.TIMED_OUT_WAITING)
         return True
 
     cdef int _after_consume(self) except -1:
@@ -164,8 +164,7 @@ cdef class _ReceivePath(_SendPath):
             if self._last_recv_was_empty:
                 # The last read came back short: the socket is drained, wait before reading.
                 if self._wait(LF_POLLIN, deadline):
-                    raise TimeoutError("timed out in the middle of a message; "
-                                       "the next receive resumes it")
+                    raise TimeoutError(_messages.TIMED_OUT_MID_MESSAGE)
             self._blocked += 1
             with nogil:
                 if count == 1:
@@ -179,30 +178,28 @@ cdef class _ReceivePath(_SendPath):
                 self._last_recv_was_empty = n < total
                 return n
             if n == 0:
-                self._protocol_error("the peer closed the connection in the middle of a message")
+                self._protocol_error(_messages.PEER_CLOSED_MID_MESSAGE)
             if lf_error_would_block(err):
                 self._last_recv_was_empty = True
             elif lf_error_interrupted(err):
                 PyErr_CheckSignals()
             else:
                 self._protocol_error(
-                    f"connection lost in the middle of a message ({_os_error_text(err)})")
+                    _messages.LOST_MID_MESSAGE + f" ({_os_error_text(err)})")
 
     cdef str _head_problem(self, const unsigned char *h, const lf_head *head):
         """What is wrong with the bad frame head at `h` that _parse_head() found."""
         if head.problem == BAD_HEADER:
-            return ("malformed frame header " + (<bytes>h[:HEADER_SIZE]).hex()
-                    + " (is the peer a loopfast channel of the same protocol version?)")
+            return _messages.MALFORMED_HEADER.format(header=(<bytes>h[:HEADER_SIZE]).hex())
         if head.problem == BAD_OOB_COUNT:
-            return (f"malformed object frame: {head.count} out-of-band buffers "
-                    f"(at most {MAX_OOB_BUFFERS}) in {head.length} bytes")
+            return _messages.TOO_MANY_BUFFERS.format(count=head.count, most=MAX_OOB_BUFFERS,
+                                                     length=head.length)
         if head.problem == BAD_OVER_LIMIT:
-            return (f"the peer announced a {head.length}-byte message, over this channel's "
-                    f"max_message_size of {self._max_message_size_obj} bytes")
+            return _messages.OVER_LIMIT.format(length=head.length,
+                                               limit=self._max_message_size_obj)
         if head.problem == BAD_OVER_MACHINE:
-            return f"the peer announced a {head.length}-byte message, too large for this machine"
-        return (f"malformed object frame: the sizes of its {head.count + 1} parts do not add up "
-                f"to its length of {head.length} bytes")
+            return _messages.OVER_MACHINE.format(length=head.length)
+        return _messages.PARTS_DO_NOT_ADD_UP.format(parts=head.count + 1, length=head.length)
 
     cdef int _checked_head(self, const unsigned char *h, Py_ssize_t avail, bint objects,
                            lf_head *head) except -1:
@@ -418,8 +415,7 @@ cdef class _ReceivePath(_SendPath):
         return parts
 
     cdef int _refuse_object(self) except -1:
-        raise OSError("the next message was sent with send() and carries out-of-band buffers: "
-                      "receive it with recv()")
+        raise OSError(_messages.OBJECT_NEEDS_RECV)
 
     cdef _bad_message_length(self):
         # As multiprocessing does: reading is over on this channel (the message is left unread).
@@ -489,7 +485,7 @@ cdef class _ReceivePath(_SendPath):
         self._check_readable()
         if max_messages is not None:
             if max_messages < 1:
-                raise ValueError("max_messages must be >= 1 or None")
+                raise ValueError(_messages.BAD_MAX_MESSAGES)
             limit = max_messages
         cdef int64_t deadline = _deadline(timeout)
         _lock(self._recv_lock, deadline, "receive")
@@ -707,11 +703,11 @@ cdef class _ReceivePath(_SendPath):
                 self._count_consumed(n)
                 return out if n == max_size else out[:n]
             if n == 0:
-                raise EOFError("the peer closed the connection")
+                raise EOFError(_messages.PEER_CLOSED)
             err = lf_last_error()
             if lf_error_would_block(err):
                 if self._wait(LF_POLLIN, deadline):
-                    raise TimeoutError("timed out waiting for a message")
+                    raise TimeoutError(_messages.TIMED_OUT_WAITING)
             elif lf_error_interrupted(err):
                 PyErr_CheckSignals()
             else:

@@ -7,6 +7,7 @@ import socket
 import struct
 import sys
 
+from .. import _messages
 from .._errors import BufferTooShort
 from .._wire import (
     FRAME_HEADER,
@@ -103,16 +104,16 @@ class ReceivePath:
         # The last look found the queue empty: wait first, saving a peek that would fail.
         if (self._rend == self._rstart and self._queue_empty
                 and self._wait(_POLLIN, deadline)):
-            raise TimeoutError("timed out waiting for a message")
+            raise TimeoutError(_messages.TIMED_OUT_WAITING)
         while True:
             n = self._peek(size)
             if n > 0:
                 self._queue_empty = False
                 return n >= need
             if n == 0:
-                raise EOFError("the peer closed the connection")
+                raise EOFError(_messages.PEER_CLOSED)
             if self._wait(_POLLIN, deadline):
-                raise TimeoutError("timed out waiting for a message")
+                raise TimeoutError(_messages.TIMED_OUT_WAITING)
 
     def _discard(self, at, n):
         """Consume `n` bytes known (peeked) to be queued, whose copy is _rbuf[at:at + n]: on
@@ -135,7 +136,7 @@ class ReceivePath:
                 if self._sock is None:
                     raise OSError(_CLOSED_WHILE_WAITING)
                 raise self._protocol_error(
-                    f"connection lost in the middle of a message ({error.strerror or error})"
+                    _messages.LOST_MID_MESSAGE + f" ({error.strerror or error})"
                 ) from error
             if got > 0:
                 n -= got
@@ -145,7 +146,7 @@ class ReceivePath:
                 raise self._protocol_error(
                     "bytes this channel had seen queued were taken by someone else (another "
                     "process receiving without a lock?)")
-            raise self._protocol_error("connection lost in the middle of a message")
+            raise self._protocol_error(_messages.LOST_MID_MESSAGE)
 
     def _after_consume(self):
         """After consuming from the window: the queue is empty if the last peek saw all of it."""
@@ -165,8 +166,7 @@ class ReceivePath:
                 raise OSError("handle is closed")
             # The last read came back short: the socket is drained, wait before reading.
             if self._last_recv_was_empty and self._wait(_POLLIN, deadline):
-                raise TimeoutError("timed out in the middle of a message; "
-                                   "the next receive resumes it")
+                raise TimeoutError(_messages.TIMED_OUT_MID_MESSAGE)
             error = None
             n = -1
             try:
@@ -182,14 +182,14 @@ class ReceivePath:
                 if self._sock is None:
                     raise OSError(_CLOSED_WHILE_WAITING)
                 raise self._protocol_error(
-                    f"connection lost in the middle of a message ({error.strerror or error})"
+                    _messages.LOST_MID_MESSAGE + f" ({error.strerror or error})"
                 ) from error
             if n > 0:
                 self._last_recv_was_empty = n < asked
                 return n
             if n == 0:
                 raise self._protocol_error(
-                    "the peer closed the connection in the middle of a message")
+                    _messages.PEER_CLOSED_MID_MESSAGE)
             self._last_recv_was_empty = True
 
     def _parse_head(self, at, avail):
@@ -206,20 +206,17 @@ class ReceivePath:
         if (kind not in (KIND_BYTES, KIND_PICKLE, KIND_OBJECT) or flags or reserved
                 or (count != 0) != (kind == KIND_OBJECT)):
             header = bytes(self._rview[at:at + HEADER_SIZE])
-            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
-                "malformed frame header " + header.hex()
-                + " (is the peer a loopfast channel of the same protocol version?)")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, _messages.MALFORMED_HEADER.format(
+                header=header.hex())
         if kind == KIND_OBJECT and (count > MAX_OOB_BUFFERS or length < 8 * (count + 1)):
-            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
-                f"malformed object frame: {count} out-of-band buffers "
-                f"(at most {MAX_OOB_BUFFERS}) in {length} bytes")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, _messages.TOO_MANY_BUFFERS.format(
+                count=count, most=MAX_OOB_BUFFERS, length=length)
         if length > self._max_message_size:
-            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
-                f"the peer announced a {length}-byte message, over this channel's "
-                f"max_message_size of {self._max_message_size_obj} bytes")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, _messages.OVER_LIMIT.format(
+                length=length, limit=self._max_message_size_obj)
         if length > sys.maxsize:
-            return HEAD_BAD, kind, count, length, HEADER_SIZE, (
-                f"the peer announced a {length}-byte message, too large for this machine")
+            return HEAD_BAD, kind, count, length, HEADER_SIZE, _messages.OVER_MACHINE.format(
+                length=length)
         if kind != KIND_OBJECT:
             return HEAD_OK, kind, 0, length, HEADER_SIZE, None
         head_size = HEADER_SIZE + 8 * (count + 1)
@@ -229,9 +226,8 @@ class ReceivePath:
         # Python integers do not wrap around: sizes whose u64 sum would overflow do not add up.
         sizes = struct.unpack_from(f"<{count + 1}Q", self._rbuf, at + HEADER_SIZE)
         if 8 * (count + 1) + sum(sizes) != length:
-            return HEAD_BAD, kind, count, length, head_size, (
-                f"malformed object frame: the sizes of its {count + 1} parts do not add up to "
-                f"its length of {length} bytes")
+            return HEAD_BAD, kind, count, length, head_size, _messages.PARTS_DO_NOT_ADD_UP.format(
+                parts=count + 1, length=length)
         return HEAD_OK, kind, count, length, head_size, None
 
     def _next_head(self, deadline, objects):
@@ -440,8 +436,7 @@ class ReceivePath:
     @staticmethod
     def _refuse_object():
         # Not consumed: the message stays next in line, for recv().
-        raise OSError("the next message was sent with send() and carries out-of-band buffers: "
-                      "receive it with recv()")
+        raise OSError(_messages.OBJECT_NEEDS_RECV)
 
     def _bad_message_length(self):
         # As multiprocessing does: reading is over on this channel (the message is left unread).
@@ -499,7 +494,7 @@ class ReceivePath:
         if max_messages is not None:
             limit = _ssize(max_messages)
             if limit < 1:
-                raise ValueError("max_messages must be >= 1 or None")
+                raise ValueError(_messages.BAD_MAX_MESSAGES)
         deadline = _deadline(timeout)
         with _take(self._recv_lock, deadline, "receive"):
             self._begin_receive(deadline)
@@ -699,6 +694,6 @@ class ReceivePath:
             if data:
                 return data
             if data is not None:
-                raise EOFError("the peer closed the connection")
+                raise EOFError(_messages.PEER_CLOSED)
             if self._wait(_POLLIN, deadline):
-                raise TimeoutError("timed out waiting for a message")
+                raise TimeoutError(_messages.TIMED_OUT_WAITING)

@@ -50,9 +50,9 @@ cdef class _SendPath(_ChannelBase):
                 if full or lf_error_would_block(err):
                     full = False
                     if self._wait(LF_POLLOUT, deadline):
-                        raise TimeoutError("timed out sending a message" if sent == 0 else
-                                           f"timed out after sending {sent} of {total} bytes of a "
-                                           "message; the rest goes out before the next message")
+                        raise TimeoutError(
+                            _messages.TIMED_OUT_SEND if sent == 0
+                            else _messages.TIMED_OUT_SENDING.format(sent=sent, total=total))
                 elif lf_error_interrupted(err):
                     PyErr_CheckSignals()
                 else:
@@ -81,10 +81,8 @@ cdef class _SendPath(_ChannelBase):
         except TimeoutError:
             self._send_rest_sent = done + progress
             # The caller must be able to tell that *this* message was not sent at all.
-            raise TimeoutError(
-                f"timed out sending the rest of an earlier message ({progress} of the "
-                f"{PyBytes_GET_SIZE(rest) - done} bytes left went out); this message was not "
-                "sent") from None
+            raise TimeoutError(_messages.TIMED_OUT_EARLIER.format(
+                sent=progress, total=PyBytes_GET_SIZE(rest) - done)) from None
         except BaseException:
             self._send_rest_sent = done + progress
             raise

@@ -3,6 +3,7 @@ batches, and the unsent rest of an interrupted send kept whole (the design is in
 
 import struct
 
+from .. import _messages
 from .._pickling import dumps_out_of_band as _pickle
 from .._wire import (
     BATCH_FLUSH_SIZE,
@@ -102,13 +103,11 @@ class SendPath:
                 if self._wait(_POLLOUT, deadline):
                     if flushing:
                         # The caller must be able to tell whether to send this message again.
-                        raise TimeoutError(
-                            f"timed out sending the rest of an earlier message ({sent} of the "
-                            f"{total} bytes left went out); this message was not sent")
+                        raise TimeoutError(_messages.TIMED_OUT_EARLIER.format(sent=sent,
+                                                                               total=total))
                     if sent == 0:
-                        raise TimeoutError("timed out sending a message")
-                    raise TimeoutError(f"timed out after sending {sent} of {total} bytes of a "
-                                       "message; the rest goes out before the next message")
+                        raise TimeoutError(_messages.TIMED_OUT_SEND)
+                    raise TimeoutError(_messages.TIMED_OUT_SENDING.format(sent=sent, total=total))
         except BaseException:
             if sent > 0 and self._sock is not None:
                 if flushing:  # the rest of the rest: a view of it, never copied again

@@ -11,6 +11,7 @@ import sys
 import time
 from multiprocessing.reduction import ForkingPickler
 
+from .. import _messages
 from .._wire import HANDOVER_NAP_NS
 
 HANDOVER_NAP = HANDOVER_NAP_NS / 1e9  # seconds
@@ -48,7 +49,7 @@ _POLLOUT = getattr(select, "POLLOUT", 4)
 _dumps = ForkingPickler.dumps
 _loads = ForkingPickler.loads
 
-_CLOSED_WHILE_WAITING = "handle is closed (by another thread, while this one waited)"
+_CLOSED_WHILE_WAITING = _messages.CLOSED_WHILE_WAITING
 
 
 # ---- argument conversion, as Cython converts arguments to C types --------------------------------
@@ -74,7 +75,7 @@ def _deadline(timeout):
         return -1
     seconds = _as_double(timeout)
     if math.isnan(seconds):
-        raise ValueError("timeout must be a number, not NaN")
+        raise ValueError(_messages.NAN_TIMEOUT)
     if seconds <= 0:
         return time.monotonic_ns()
     if seconds > 1e9:  # ~32 years: as good as no limit, and keeps the arithmetic in 64 bits
@@ -106,8 +107,7 @@ def _take(lock, deadline, what):
         else:
             remaining = (deadline - time.monotonic_ns()) / 1e9
             if remaining <= 0 or not lock.acquire(timeout=remaining):
-                raise TimeoutError(f"timed out waiting for another thread's {what} on this "
-                                   "channel to finish")
+                raise TimeoutError(_messages.TIMED_OUT_LOCK.format(what=what))
     return _Held(lock)
 
 
