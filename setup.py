@@ -90,6 +90,7 @@ setup(
         compiler_directives={
             "language_level": 3,
             "embedsignature": True,
+            "embedsignature.format": "clinic",
             # Index math in _core/channel.pyx is on raw pointers, covered by the framing tests.
             "boundscheck": False,
             "wraparound": False,

@@ -11,7 +11,7 @@ Run it::
     python examples/worker_pool.py                      # 3 workers, 300 tasks
     python examples/worker_pool.py --workers 8 --tasks 100000
 
-It prints one line, such as ``pool ok: 300 tasks on 3 workers, sum of results 8955050``, and
+It prints one line, such as ``pool ok: 300 tasks on 3 workers, sum of results 24012450``, and
 exits 0 when every result is right.
 """
 

@@ -13,7 +13,7 @@ from ._errors import AuthenticationError, BufferTooShort, ProtocolError
 from ._spin import get_default_spin, set_default_spin
 from ._version import __version__
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE
-from .connection import Client, Listener, Pipe, wait
+from .connection import Client, Connection, Listener, Pipe, wait
 from .context import get_context, install, installed, uninstall
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "BufferTooShort",
     "Channel",
     "Client",
+    "Connection",
     "Listener",
     "Pipe",
     "ProtocolError",

@@ -26,6 +26,11 @@ PEER_CLOSED_MID_MESSAGE = "the peer closed the connection in the middle of a mes
 LOST_MID_MESSAGE = "connection lost in the middle of a message"
 OBJECT_NEEDS_RECV = ("the next message was sent with send() and carries out-of-band buffers: "
                      "receive it with recv()")
+BAD_MESSAGE_LENGTH = "bad message length"  # multiprocessing's words
+READING_STOPPED = ("this channel no longer receives: recv_bytes(maxlength={maxlength}) met a "
+                   "{length}-byte message (OSError: bad message length), which stays unread, "
+                   "and receiving stopped there, as multiprocessing's connections do")
+WRITE_ONLY = "connection is write-only"
 HANDOVER_MID_SEND = "cannot hand over a channel in the middle of sending a message"
 HANDOVER_MID_RECEIVE = "cannot hand over a channel in the middle of receiving a large message"
 

@@ -45,8 +45,11 @@ An `AsyncChannel` belongs to the event loop that first uses it. Close it with ``
 ``close()``, not through ``.channel.close()`` (its socket stays registered with the loop between
 receives), and do not use ``.channel`` from other threads while coroutines use it.
 
-Channels made here (`open_channel`, `Listener`) have ``spin=0``: the asyncio calls never wait in
-the core, so the busy-polling budget would only matter to synchronous use of ``.channel``.
+Channels made here (`open_channel`, `Listener`) have ``spin=0``, where the synchronous API's
+default is ``spin=None`` (the process's busy-poll budget, `loopfast.set_default_spin`): the
+asyncio calls never wait in the core (the event loop waits), and a busy-poll there would stall
+every other task of the loop, so the budget would only matter to synchronous use of
+``.channel``. The other defaults are the synchronous API's (backlog 100, for both).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from ._peer import AllowUsers, allowed_users
 from ._wire import (
     ACCEPT_BURST,
     ACCEPT_PAUSE,
+    DEFAULT_BACKLOG,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
     OUT_OF_RESOURCES,
@@ -91,10 +95,6 @@ __all__ = ["AsyncChannel", "Listener", "open_channel", "start_listener"]
 
 _T = TypeVar("_T")
 _SelfChannel = TypeVar("_SelfChannel", bound="AsyncChannel")
-
-# Default backlog of an asyncio Listener: an async server accepts many clients.
-DEFAULT_BACKLOG = 64
-
 
 class _Readiness:
     """Waits for one file descriptor to become readable or writable, through the event loop's
@@ -612,7 +612,7 @@ async def open_channel(
 class Listener:
     """A listening socket on a loopback address that hands out AsyncChannels.
 
-    ``Listener(address=None, family=None, backlog=64, authkey=None, *, max_message_size,
+    ``Listener(address=None, family=None, backlog=100, authkey=None, *, max_message_size,
     handshake_timeout, serializer, spin)`` binds at once (as loopfast.Listener: loopback only;
     the default address is ('127.0.0.1', 0), or ('::1', 0) with family='AF_INET6'); the
     coroutine `start_listener()` does the same. ``await accept()`` waits for a client, runs the

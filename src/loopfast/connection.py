@@ -33,6 +33,7 @@ from ._spin import channel_spin
 from ._wire import (
     ACCEPT_BURST,
     ACCEPT_PAUSE,
+    DEFAULT_BACKLOG,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
     OUT_OF_RESOURCES,
@@ -50,6 +51,7 @@ __all__ = [
     "wait",
 ]
 
+# multiprocessing.connection's name for what its Pipe, Client and Listener.accept() return.
 Connection = Channel
 
 EXPIRY_BATCH = 0.01  # handshakes that expire this close together are closed (and reported) as one
@@ -68,9 +70,11 @@ class Listener:
     """A listening socket on a loopback address that hands out channels to clients of the same
     user (and, with an `authkey`, only to clients that prove they know it).
 
-    ``Listener(address=None, family=None, backlog=1, authkey=None)``: the default address is
+    ``Listener(address=None, family=None, backlog=100, authkey=None)``: the default address is
     ``('127.0.0.1', 0)``, or ``('::1', 0)`` with ``family='AF_INET6'`` (port 0: the system picks
-    a free port; read it from ``.address``).
+    a free port; read it from ``.address``). The backlog is the asyncio Listener's too, and
+    asyncio's: room for a burst of connects (multiprocessing's is 1, which makes a burst wait
+    for the kernel's SYN retries, a second each).
 
     Any local process can connect to a loopback port, so each connection's peer is identified
     at accept(), before a byte it sent is read: by default a client whose socket belongs to
@@ -86,7 +90,7 @@ class Listener:
         self,
         address: Optional[Address] = None,
         family: Optional[str] = None,
-        backlog: int = 1,
+        backlog: int = DEFAULT_BACKLOG,
         authkey: Optional[bytes] = None,
         *,
         max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,

@@ -396,3 +396,29 @@ def test_a_peer_that_is_not_loopfast_is_refused_at_its_first_wrong_byte():
         raw.sendall(b"GET ")
         with pytest.raises(loopfast.ProtocolError, match="not a loopfast channel"):
             listener.accept()
+
+
+def test_both_listeners_default_to_a_backlog_that_holds_a_burst():
+    # One default for the sync and the asyncio Listener (asyncio.start_server's 100): a burst of
+    # connects fits in it instead of waiting for SYN retries.
+    import inspect
+
+    import loopfast.aio
+    defaults = {inspect.signature(f).parameters["backlog"].default
+                for f in (loopfast.Listener, loopfast.aio.Listener, loopfast.aio.start_listener)}
+    assert defaults == {100}
+
+
+def test_a_burst_of_connects_fits_in_the_default_backlog():
+    # 64 connections made before anyone accepts: the kernel completes each one in the backlog
+    # (with multiprocessing's backlog of 1 the second connect would wait for SYN retries that
+    # never succeed while nobody accepts, and time out).
+    with loopfast.Listener() as listener:
+        raws = []
+        try:
+            for _ in range(64):
+                raws.append(socket.create_connection(listener.address, timeout=30))
+            assert all(raw.getpeername()[:2] == listener.address for raw in raws)
+        finally:
+            for raw in raws:
+                raw.close()

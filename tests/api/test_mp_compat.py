@@ -442,3 +442,13 @@ def test_same_behaviour_as_multiprocessing_pipe(scenario):
         expected = scenario(pipe)
     with _closing_all(loopfast.Pipe) as pipe:
         assert scenario(pipe) == expected
+
+
+def test_connection_is_the_name_multiprocessing_users_import():
+    # multiprocessing.connection.Connection is what Pipe() returns there; here it is Channel.
+    from loopfast import Connection
+    from loopfast.connection import Connection as connection_module_name
+    assert Connection is connection_module_name is loopfast.Channel
+    a, b = loopfast.Pipe()
+    with a, b:
+        assert isinstance(a, Connection)

@@ -199,6 +199,26 @@ def test_a_message_longer_than_maxlength_stops_a_duplex_channel_reading(pair):
     assert a.recv_bytes(timeout=TIMEOUT) == b"still writable"
 
 
+@pytest.mark.parametrize("receive", ["recv_bytes", "recv", "recv_bytes_into", "poll"])
+def test_after_maxlength_stopped_reading_every_receive_says_why(pair, receive):
+    # Not "connection is write-only" on a two-way channel: what stopped it, and that the
+    # message is still there, unread.
+    a, b = pair
+    a.send_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="^bad message length$"):
+        b.recv_bytes(10, timeout=TIMEOUT)
+    calls = {"recv_bytes": lambda: b.recv_bytes(timeout=TIMEOUT),
+             "recv": lambda: b.recv(timeout=TIMEOUT),
+             "recv_bytes_into": lambda: b.recv_bytes_into(bytearray(200), timeout=TIMEOUT),
+             "poll": lambda: b.poll(0)}
+    with pytest.raises(OSError) as info:
+        calls[receive]()
+    message = str(info.value)
+    assert "no longer receives" in message and "write-only" not in message
+    assert "recv_bytes(maxlength=10)" in message and "100-byte message" in message
+    assert "stays unread" in message
+
+
 def test_a_message_longer_than_maxlength_closes_a_read_only_channel(make_pair):
     reader, writer = make_pair({"writable": False}, {"readable": False})
     writer.send_bytes(b"x" * 11)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import IMPLEMENTATIONS
 
+import loopfast
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "api_reference.py"
 API_MD = ROOT / "docs" / "api.md"
@@ -145,3 +147,17 @@ def test_the_stub_has_the_constructor_parameters_of_the_pure_twin():
 def test_the_reference_says_how_to_refresh_it(api_md):
     assert "python tools/api_reference.py" in api_md
 
+
+
+def test_help_shows_the_channel_signature_with_its_keyword_only_arguments():
+    # help(loopfast.Channel) and inspect.signature() agree with the twin: max_message_size,
+    # serializer and spin are keyword-only (the compiled class states its signature itself).
+    for cls in IMPLEMENTATIONS.values():
+        signature = inspect.signature(cls)
+        assert list(signature.parameters) == ["fd", "readable", "writable", "max_message_size",
+                                              "serializer", "spin"]
+        kinds = {name: p.kind for name, p in signature.parameters.items()}
+        assert all(kinds[name] is inspect.Parameter.KEYWORD_ONLY
+                   for name in ("max_message_size", "serializer", "spin"))
+        assert (signature.parameters["max_message_size"].default
+                == loopfast.DEFAULT_MAX_MESSAGE_SIZE)

@@ -377,3 +377,11 @@ def test_quick_bench_compares_pools_and_queues_stock_and_on_loopfast(quick_run):
 def test_a_run_of_chosen_cases_leaves_pools_out(no_numpy_run):
     _, report = no_numpy_run
     assert report["pools"] is None
+
+
+def test_version_names_the_release_and_the_core_in_use():
+    done = subprocess.run([sys.executable, "-m", "loopfast", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    expected = f"loopfast {loopfast.__version__} ({loopfast.implementation} core)"
+    assert done.stdout.startswith(expected)

@@ -52,7 +52,7 @@ cdef class _ChannelBase:
         if self._fd == LF_INVALID_SOCKET:
             raise OSError("handle is closed")
         if not self._readable:
-            raise OSError("connection is write-only")
+            raise OSError(self._reading_stopped or _messages.WRITE_ONLY)
         return 0
 
     cdef int _check_writable(self) except -1:

@@ -126,6 +126,7 @@ cdef class _ChannelBase:
     cdef PyThread_type_lock _send_lock  # one sender at a time: frames never interleave
     cdef PyThread_type_lock _recv_lock  # one receiver at a time: each gets whole messages
     cdef lf_head _head              # the head _next_head() checked last
+    cdef object _reading_stopped    # why receiving stopped (recv_bytes' maxlength), or None
     cdef object __weakref__
 
     cdef int _unblocked(self) except -1
@@ -181,7 +182,7 @@ cdef class _ReceivePath(_SendPath):
     cdef object _finish_pending(self, int64_t deadline)
     cdef int _refuse_object(self) except -1
     cdef object _recv_bytes_frame(self, int64_t deadline, Py_ssize_t maxlength)
-    cdef _bad_message_length(self)
+    cdef _bad_message_length(self, Py_ssize_t maxlength, uint64_t length)
 
 
 cdef class Channel(_ReceivePath):

@@ -440,7 +440,11 @@ include "receive.pxi"
 
 
 cdef class Channel(_ReceivePath):
-    """One end of a framed, bidirectional loopback connection.
+    """Channel(fd, readable=True, writable=True, *, max_message_size=4294967296,
+               serializer=None, spin=None)
+--
+
+    One end of a framed, bidirectional loopback connection.
 
     ``Channel(fd, readable=True, writable=True, *, max_message_size=...)`` takes ownership of a
     connected TCP socket's file descriptor whose handshake is done; applications get channels from

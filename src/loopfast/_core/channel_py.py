@@ -130,6 +130,7 @@ class Channel(ReceivePath, SendPath):
         # arrives.
         "_head_have",
         "_head",             # the head _next_head() checked: (kind, count, length, head size)
+        "_reading_stopped",  # why receiving stopped (recv_bytes' maxlength), or None
         "_last_recv_was_empty",   # a direct read came back short: wait before the next one
         "_sent_since_recv",  # sent since the last receive (the compiled channel then spins)
         "_deferred_handshake",  # a Handshake whose rest runs at first use, or None
@@ -195,6 +196,7 @@ class Channel(ReceivePath, SendPath):
         self._peek_saw_all = True
         self._head_have = 0
         self._head = None
+        self._reading_stopped = None
         self._last_recv_was_empty = True
         self._sent_since_recv = False
         self._deferred_handshake = None
@@ -366,7 +368,7 @@ class Channel(ReceivePath, SendPath):
         if self._sock is None:
             raise OSError("handle is closed")
         if not self._readable:
-            raise OSError("connection is write-only")
+            raise OSError(self._reading_stopped or _messages.WRITE_ONLY)
 
     def _check_writable(self):
         if self._sock is None:

@@ -417,13 +417,15 @@ cdef class _ReceivePath(_SendPath):
     cdef int _refuse_object(self) except -1:
         raise OSError(_messages.OBJECT_NEEDS_RECV)
 
-    cdef _bad_message_length(self):
+    cdef _bad_message_length(self, Py_ssize_t maxlength, uint64_t length):
         # As multiprocessing does: reading is over on this channel (the message is left unread).
         if self._writable:
             self._readable = False
+            self._reading_stopped = _messages.READING_STOPPED.format(maxlength=maxlength,
+                                                                     length=length)
         else:
             self.close()
-        raise OSError("bad message length")
+        raise OSError(_messages.BAD_MESSAGE_LENGTH)
 
     def recv_bytes(self, maxlength=None, *, timeout=None):
         """Receive one message sent with send_bytes() (or send()) and return its payload as bytes.
@@ -463,11 +465,11 @@ cdef class _ReceivePath(_SendPath):
             if self._pending_kind == KIND_OBJECT:
                 self._refuse_object()
             if maxlength >= 0 and self._pending_size(0) > maxlength:
-                self._bad_message_length()
+                self._bad_message_length(maxlength, self._pending_size(0))
             return self._finish_pending(deadline)[0]
         consumed = self._next_head(deadline, False)
         if maxlength >= 0 and <Py_ssize_t>self._head.length > maxlength:
-            self._bad_message_length()
+            self._bad_message_length(maxlength, self._head.length)
         return self._take_frame(deadline, consumed)
 
     def recv_bytes_many(self, max_messages=None, *, timeout=None):

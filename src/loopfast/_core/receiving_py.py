@@ -438,13 +438,15 @@ class ReceivePath:
         # Not consumed: the message stays next in line, for recv().
         raise OSError(_messages.OBJECT_NEEDS_RECV)
 
-    def _bad_message_length(self):
+    def _bad_message_length(self, maxlength, length):
         # As multiprocessing does: reading is over on this channel (the message is left unread).
         if self._writable:
             self._readable = False
+            self._reading_stopped = _messages.READING_STOPPED.format(maxlength=maxlength,
+                                                                     length=length)
         else:
             self.close()
-        raise OSError("bad message length")
+        raise OSError(_messages.BAD_MESSAGE_LENGTH)
 
     def recv_bytes(self, maxlength=None, *, timeout=None):
         """Receive one message sent with send_bytes() (or send()) and return its payload as bytes.
@@ -475,11 +477,11 @@ class ReceivePath:
             if self._pending_kind == KIND_OBJECT:
                 self._refuse_object()
             if maxlength is not None and self._pending_size(0) > maxlength:
-                self._bad_message_length()
+                self._bad_message_length(maxlength, self._pending_size(0))
             return self._finish_pending(deadline)[0]
         consumed = self._next_head(deadline, False)
         if maxlength is not None and self._head[2] > maxlength:
-            self._bad_message_length()
+            self._bad_message_length(maxlength, self._head[2])
         return self._take_frame(deadline, consumed)
 
     def recv_bytes_many(self, max_messages=None, *, timeout=None):

@@ -258,11 +258,21 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _version_text() -> str:
+    """loopfast's version, the channel implementation in use and the interpreter."""
+    import platform
+
+    import loopfast
+    return (f"loopfast {loopfast.__version__} ({loopfast.implementation} core) on "
+            f"{platform.python_implementation()} {platform.python_version()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopfast",
         description="loopfast: fast, authenticated message channels between processes over "
                     "loopback TCP.")
+    parser.add_argument("--version", action="version", version=_version_text())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
