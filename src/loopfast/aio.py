@@ -89,7 +89,7 @@ from ._wire import (
 from .connection import Address, Serializer
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from ._core.channel import Buffer  # what the buffer protocol accepts (see the stub)
 
 __all__ = ["AsyncChannel", "Listener", "open_channel", "start_listener"]
 

@@ -1,9 +1,16 @@
 """Type stub for the compiled channel (channel.pyx); the pure-Python twin has the same API."""
 
+import sys
 from types import TracebackType
 from typing import Any, ContextManager, Dict, Iterable, List, Optional, Type, TypeVar
 
-from typing_extensions import Buffer
+# What the buffer protocol accepts (bytes, bytearray, memoryview, array, mmap, numpy arrays, ...).
+# Type checkers know a C extension's buffers (numpy's) only from Python 3.12 on (PEP 688's
+# __buffer__); for an older target any object passes here, and the call checks it at run time.
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer as Buffer
+else:
+    Buffer = Any
 
 _Self = TypeVar("_Self", bound="Channel")
 
