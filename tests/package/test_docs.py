@@ -161,3 +161,39 @@ def test_help_shows_the_channel_signature_with_its_keyword_only_arguments():
                    for name in ("max_message_size", "serializer", "spin"))
         assert (signature.parameters["max_message_size"].default
                 == loopfast.DEFAULT_MAX_MESSAGE_SIZE)
+
+
+# ---- every README and docs example runs as written, on its own ----------------------------------
+
+def _examples():
+    """(where, code) for every Python example of README.md and docs/: the ```python blocks, and
+    the indented blocks of docs/api.md (the docstrings' examples) that import something."""
+    import re
+    import textwrap
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT).as_posix()
+        for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M):
+            found.append((f"{name}:{text[:m.start()].count(chr(10)) + 1}", m.group(1)))
+        for m in re.finditer(r"(?:^\n)((?:^(?: {4}.*)?\n)+)", text, flags=re.M):
+            block = textwrap.dedent(m.group(1))
+            if re.search(r"^(import|from) \w", block, flags=re.M):
+                found.append((f"{name}:{text[:m.start()].count(chr(10)) + 2}", block))
+    return found
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where,example", _examples(), ids=[w for w, _ in _examples()])
+def test_every_example_runs_as_a_file_of_its_own(where, example, tmp_path):
+    # As a reader would: pasted into a file and run (a hang or an error is a broken example).
+    import subprocess
+    import sys
+    if "numpy" in example:
+        pytest.importorskip("numpy", reason="numpy is not installed")
+    path = tmp_path / "example.py"
+    path.write_text(example, encoding="utf-8")
+    done = subprocess.run([sys.executable, "-X", "dev", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"{where}:\n{example}\n---\n{done.stdout}{done.stderr}"
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
