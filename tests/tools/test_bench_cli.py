@@ -68,7 +68,7 @@ def _memory_rows(report):
 def test_quick_bench_prints_a_row_per_case_and_peer(quick_run):
     done, report = quick_run
     out = done.stdout
-    assert "multiprocessing.Pipe()" in out and "vs mp.Pipe" in out
+    assert "multiprocessing.Pipe()" in out and "mp.Pipe" in out
     for case in report["cases"]:
         assert case["title"] in out
         for result in case["results"].values():
@@ -160,7 +160,8 @@ def test_quick_bench_numpy_object_is_compared_with_send_bytes_and_mp_pipe(quick_
         ratio = case["ratios"]["loopfast"][ref]
         assert ratio["of_medians"] == pytest.approx(
             case["results"]["loopfast"]["median"] / case["results"][ref]["median"])
-    assert "vs send_bytes" in done.stdout
+    header = next(line for line in done.stdout.splitlines() if line.startswith("case / peer"))
+    assert "bytes" in header.split()
     assert "loopfast.Pipe() send_bytes/recv_bytes" in done.stdout
 
 
@@ -238,7 +239,7 @@ def test_quick_bench_prints_the_cpu_column_and_batched_rows(quick_run):
 def test_quick_bench_without_floors_has_no_floor_section(quick_run):
     done, report = quick_run
     assert report["floors"] is None and report["settings"]["floors"] is None
-    assert "C floor" not in done.stdout
+    assert "C floor (pingpong.c" not in done.stdout  # the section (the verdict names the floors)
 
 
 @pytest.mark.skipif(HAVE_ZMQ, reason="pyzmq is installed: its rows are in the run")
@@ -385,3 +386,29 @@ def test_version_names_the_release_and_the_core_in_use():
     assert done.returncode == 0, done.stderr
     expected = f"loopfast {loopfast.__version__} ({loopfast.implementation} core)"
     assert done.stdout.startswith(expected)
+
+
+def test_quick_bench_fits_100_columns_and_ends_with_a_verdict(quick_run):
+    done, report = quick_run
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert max(len(line) for line in done.stderr.splitlines()) <= 100  # not a terminal: a log
+    assert "us " not in done.stdout.replace("µs", "")  # one spelling of the unit
+    text = done.stdout
+    bottom = text.index("Bottom line: loopfast against multiprocessing.Pipe()")
+    verdict_at = text.index("Targets (benchmarks/check_targets.py's, from this run):")
+    assert bottom < verdict_at
+    # Every case with a loopfast row and an mp.Pipe row is in the bottom line, with its ratio.
+    tail = text[bottom:verdict_at]
+    for case in report["cases"]:
+        ratio = case["ratios"].get("loopfast", {}).get("mp_pipe")
+        if ratio is not None:
+            assert case["title"] in tail
+            assert f"{ratio['of_medians']:.2f}×" in tail
+    # The verdict lines are the targets' own, judged on this report.
+    from loopfast.tools.bench import targets
+    verdict_lines = text[verdict_at:].splitlines()
+    for verdict, what, _ in targets.judge(report):
+        if verdict in (targets.PASS, targets.MISS):
+            assert any(line.startswith(verdict) and what[:40] in line for line in verdict_lines)
+    assert "left]" in done.stderr  # progress says how much is left

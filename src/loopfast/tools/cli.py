@@ -27,8 +27,9 @@ from .bench import floors as _bench_floors
 from .bench import plot as _bench_plot
 from .bench import pools as _bench_pools
 from .bench import runner as _bench
+from .bench import targets as _targets
 from .bench.children import MiB
-from .bench.report import MemorySection, Report, format_size, format_value
+from .bench.report import MemorySection, PeerResult, Report, format_size, format_value
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -63,6 +64,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"loopfast bench: {exc}", file=sys.stderr)
         return 1
     print(format_report(report))
+    print()
+    print(format_verdict(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
@@ -85,10 +88,22 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 # ---- the report as text ------------------------------------------------------------------------
 
-_SHORT_REFERENCE = {"mp_pipe": "vs mp.Pipe", "mp_pipe_simplex": "vs mp simplex",
-                    "socket": "vs socket", "loopfast_bytes": "vs send_bytes"}
+WIDTH = 100  # the text report fits a terminal this wide
+
+_SHORT_REFERENCE = {"mp_pipe": "mp.Pipe", "mp_pipe_simplex": "simplex",
+                    "socket": "socket", "loopfast_bytes": "bytes"}
+# Row labels that fit the table (the full ones are in the report's "peers" and the JSON).
+_SHORT_LABEL = {"loopfast": "loopfast.Pipe()", "loopfast_spin0": "loopfast spin=0",
+                "loopfast_many": "loopfast *_many ×1000", "loopfast_batch": "loopfast batch()",
+                "loopfast_bytes": "loopfast send_bytes", "mp_pipe": "mp.Pipe()",
+                "mp_pipe_simplex": "mp.Pipe(duplex=False)", "mp_tcp": "mp.connection TCP",
+                "socket": "socket loop", "zmq": "pyzmq PAIR"}
 
 _TABLE_NOTES = """\
+mp: multiprocessing. Ratio columns: to multiprocessing.Pipe() (mp.Pipe), to
+multiprocessing.Pipe(duplex=False) (simplex), to the plain socket loop (socket), to loopfast's own
+send_bytes/recv_bytes of the same bytes (bytes). Spread: half the min-max range over the rounds,
+in % of the median. *_many: send_bytes_many/recv_bytes_many of 1,000 messages at a time.
 CPU µs: CPU time (user + system) of both processes, this one and the peer process, per message
 (per round trip for round trips), median over the rounds: a busy-polling receiver spends CPU
 while it waits; batching spends less per message.
@@ -127,28 +142,34 @@ def format_report(report: Report) -> str:
         f"{rounds} round{'' if rounds == 1 else 's'}, peers interleaved in rotated order"
         + ("" if pin == "none" else f", processes pinned ({pin})") + "; "
         f"figures are medians over the rounds; run took {report.get('duration_s', 0):.0f} s",
-        "",
     ]
+    lines = [wrapped for line in lines for wrapped in textwrap.wrap(
+        line, width=WIDTH, subsequent_indent="  ", break_on_hyphens=False)] + [""]
     refs = sorted({ref for case in report["cases"] for ref in case["references"]},
                   key=lambda ref: [*_SHORT_REFERENCE, ref].index(ref))
-    header = (["case", "peer", "median", "unit", "min–max", "CPU µs"]
-              + [_SHORT_REFERENCE.get(ref, f"vs {ref}") for ref in refs])
+    header = (["case / peer", "median", "unit", "spread", "CPU µs"]
+              + [_SHORT_REFERENCE.get(ref, ref) for ref in refs])
     rows = []
     for case in report["cases"]:
-        first = True
+        rows.append([case["title"]] + [""] * (len(header) - 1))
         for name, result in case["results"].items():
             unit = case["unit"]
-            row = [case["title"] if first else "", result["label"],
+            row = ["  " + _SHORT_LABEL.get(name, result["label"][:24]),
                    format_value(result["median"], unit), unit,
-                   f"{format_value(result['min'], unit)}–{format_value(result['max'], unit)}",
-                   _cpu_text(result.get("cpu_us_per_msg"))]
+                   _spread_text(result), _cpu_text(result.get("cpu_us_per_msg"))]
             for ref in refs:
                 ratio = case["ratios"].get(name, {}).get(ref)
                 row.append(f"{ratio['of_medians']:.2f}×" if ratio else "")
             rows.append(row)
-            first = False
-    lines += _table(header, rows, right=set(range(2, len(header))) - {3})
-    lines += ["", _TABLE_NOTES]
+    lines += _table(header, rows, right=set(range(1, len(header))) - {2})
+    shown = {name: result["label"] for case in report["cases"]
+             for name, result in case["results"].items()
+             if _SHORT_LABEL.get(name, result["label"][:24]) != result["label"]}
+    lines += ["", *_TABLE_NOTES.splitlines()]
+    if shown:
+        lines.append("Peers, as the table names them:")
+        lines += [f"  {_SHORT_LABEL.get(name, label[:24]):<24}  {label}"
+                  for name, label in shown.items()]
     floors = report.get("floors")
     if floors:
         lines.append("")
@@ -175,6 +196,73 @@ def format_report(report: Report) -> str:
         lines.append("")
         lines.append(_bench_pools.format_report(pools))
     return "\n".join(lines)
+
+
+# The loopfast rows of the bottom line, each against multiprocessing.Pipe() of the same case.
+_BOTTOM_LINE = [("loopfast", "loopfast.Pipe()"), ("loopfast_spin0", "spin=0"),
+                ("loopfast_batch", "batch()"), ("loopfast_many", "*_many")]
+
+
+def format_verdict(report: Report) -> str:
+    """The bench's last words: each loopfast row against multiprocessing.Pipe(), and every target
+    of benchmarks/check_targets.py (loopfast.tools.bench.targets) judged on this run."""
+    lines = textwrap.wrap("Bottom line: loopfast against multiprocessing.Pipe() in this run "
+                          "(µs: < 1× is faster; msg/s, GB/s: > 1× is faster).", width=WIDTH)
+    columns = [(name, title) for name, title in _BOTTOM_LINE
+               if any(name in case["results"] for case in report["cases"])]
+    rows = []
+    for case in report["cases"]:
+        cells = [case["title"]]
+        for name, _ in columns:
+            ratio = case["ratios"].get(name, {}).get("mp_pipe")
+            if ratio is None:
+                cells.append("")
+                continue
+            value = ratio["of_medians"]
+            faster = value < 1 if case["unit"] == "µs" else value > 1
+            verdict = "same" if f"{value:.2f}" == "1.00" else "faster" if faster else "slower"
+            cells.append(f"{value:.2f}× {verdict}")
+        if any(cells[1:]):
+            rows.append(cells)
+    lines += _table(["case"] + [title for _, title in columns], rows,
+                    right=set(range(1, len(columns) + 1)))
+    verdicts = _targets.judge(report)
+    counts = {v: sum(1 for got, _, _ in verdicts if got == v)
+              for v in (_targets.PASS, _targets.MISS, _targets.SKIP, _targets.UNKNOWN)}
+    lines += ["", textwrap.fill(
+        f"Targets (benchmarks/check_targets.py's, from this run): {counts[_targets.PASS]} pass, "
+        f"{counts[_targets.MISS]} miss, "
+        f"{counts[_targets.SKIP] + counts[_targets.UNKNOWN]} not judged here"
+        + (" (a quick run judges smaller messages, with fewer rounds)"
+           if report["settings"].get("quick") else "") + ".", width=WIDTH)]
+    for verdict, text, measured in verdicts:
+        if verdict in (_targets.SKIP, _targets.UNKNOWN):
+            continue
+        shown = measured.split(" (")[0]
+        lines += textwrap.wrap(f"{verdict}  {shown:>16}  {text}", width=WIDTH,
+                               subsequent_indent=" " * 24)
+    missing_cases, reasons = set(), set()
+    for got, _, measured in verdicts:
+        if got not in (_targets.SKIP, _targets.UNKNOWN):
+            continue
+        if measured.startswith("not measured ("):
+            missing_cases.add(measured[len("not measured ("):].split(":")[0])
+        else:
+            reasons.add(measured)
+    if missing_cases:
+        reasons.add("cases not in this run: " + ", ".join(sorted(missing_cases)))
+    if reasons:
+        lines += textwrap.wrap("not judged: " + "; ".join(sorted(reasons)), width=WIDTH,
+                               subsequent_indent="  ")
+    return "\n".join(lines)
+
+
+def _spread_text(result: PeerResult) -> str:
+    """Half the min-max range, in % of the median."""
+    median = result["median"]
+    if not median:
+        return ""
+    return f"±{50 * (result['max'] - result['min']) / median:.0f}%"
 
 
 def _cpu_text(value: Optional[float]) -> str:

@@ -309,15 +309,15 @@ def run(rounds: int = 5, count: int = 2000, size: int = 64, warmup: int = 200,
 
 def format_report(report: AioReport) -> str:
     lines = [f"asyncio round trip, {report['size']} B: median of {report['rounds']} "
-             f"measurements x {report['count']} round trips (echo peer: another process; "
-             f"pin: {report['pin']})"]
+             f"measurements × {report['count']} round trips",
+             f"(echo peer: another process; pin: {report['pin']})"]
     for row, median in report["medians"].items():
         spread = report["rows"][row]
-        lines.append(f"  {LABELS[row]:<48} {median * 1e6:8.1f} us   "
+        lines.append(f"  {LABELS[row]:<48} {median * 1e6:8.1f} µs   "
                      f"(min {min(spread) * 1e6:.1f}, max {max(spread) * 1e6:.1f})")
     for row, why in report["skipped"].items():
         lines.append(f"  {LABELS[row]:<48} skipped: {why}")
-    lines.append("  ratios (targets: aio / sync_spin0 <= 1.5, aio / streams < 1):")
+    lines.append("  ratios (targets: aio / sync_spin0 ≤ 1.5, aio / streams < 1):")
     for name, value in report["ratios"].items():
         lines.append(f"    {name:<30} {value:6.2f}")
     return "\n".join(lines)

@@ -221,8 +221,8 @@ def _figure(value: float, unit: str) -> str:
 
 def format_report(report: Dict[str, Any]) -> str:
     lines = [f"multiprocessing's pools and queues, start method {report['method']}: stock "
-             f"context vs loopfast.get_context(), {report['rounds']} rounds, medians, "
-             "placement left to the scheduler"]
+             f"context vs loopfast.get_context(),",
+             f"{report['rounds']} rounds, medians, placement left to the scheduler"]
     lines.append(f"  {'case':<44} {'stock':>16} {'loopfast':>16}  {'loopfast ÷ stock':>16}")
     for row, entry in report["rows"].items():
         title, unit, _ = ROWS[row]

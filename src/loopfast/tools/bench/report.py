@@ -3,7 +3,7 @@ reads) and the figures as text."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 from .children import KiB, MiB
 
@@ -106,7 +106,7 @@ class Report(TypedDict):
     memory: Optional[MemorySection]
     floors: Optional[FloorsSection]  # the C floors, with --floors DIR
     aio: Optional[AioReport]  # the asyncio round trip (_bench_aio), unless --no-aio or --case
-    pools: Optional[dict[str, object]]  # multiprocessing's pools and queues (_bench_pools)
+    pools: Optional[dict[str, Any]]  # multiprocessing's pools and queues (_bench_pools)
     duration_s: float
 
 

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -483,26 +484,56 @@ def _stderr(message: str) -> None:
 
 
 class _Progress:
-    """Progress on stderr: a line per case and round; on a terminal, also a status line
-    (round, case, peer) rewritten in place before each measurement."""
+    """Progress on stderr, with the time left. On a terminal: one status line (done, time left,
+    round, case, peer) rewritten in place before each measurement, as wide as the terminal.
+    Elsewhere (a log): a line per case and round, at most 100 columns."""
 
-    def __init__(self, line: Callable[[str], None]) -> None:
+    def __init__(self, line: Callable[[str], None], steps: int = 0) -> None:
         self.line = line
         self.live = line is _stderr and sys.stderr.isatty()
+        self.columns = shutil.get_terminal_size((100, 24)).columns if self.live else 100
+        self.steps = steps  # measurements the run will make (the ETA is theirs)
+        self.done = 0
+        self.started = time.monotonic()
         self._width = 0
+
+    def step(self) -> None:
+        self.done += 1
+
+    def _eta(self) -> str:
+        if not self.steps:
+            return ""
+        if not self.done or self.done >= self.steps:
+            return f"{self.done}/{self.steps}"
+        left = (time.monotonic() - self.started) / self.done * (self.steps - self.done)
+        return f"{self.done}/{self.steps}, {_duration(left)} left"
+
+    def _fit(self, text: str, width: int) -> str:
+        return text if len(text) <= width else text[:width - 1] + "…"
 
     def status(self, message: str) -> None:
         if self.live:
-            text = message[:119]
+            eta = self._eta()
+            text = self._fit(f"[{eta}] {message}" if eta else message, self.columns - 1)
             sys.stderr.write("\r" + text.ljust(self._width))
             sys.stderr.flush()
             self._width = len(text)
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, *, log_only: bool = False) -> None:
+        """A line of progress; `log_only` ones are left out on a terminal (its status line
+        says as much)."""
+        if self.live and log_only:
+            return
         if self.live and self._width:
             sys.stderr.write("\r" + " " * self._width + "\r")
             self._width = 0
-        self.line(message)
+        eta = self._eta() if log_only else ""
+        self.line(self._fit(f"[{eta}] {message}" if eta else message, self.columns))
+
+
+def _duration(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
 
 
 def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
@@ -555,7 +586,9 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
             reason = PEERS[name].unavailable()
             if reason:
                 skipped[name] = reason
-    show = _Progress(progress)
+    steps = rounds * (sum(len([p for p in case.peers if p not in skipped]) for case in cases)
+                      + (1 if floors is not None else 0))
+    show = _Progress(progress, steps)
     show(f"loopfast bench: {len(cases)} cases, {rounds} rounds"
          f"{' (quick)' if quick else ''}, {env['implementation']} implementation"
          f"{', C floors' if floors else ''}; medians and ratios at the end")
@@ -583,18 +616,21 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
                                 f"{PEERS[name].label}")
                     result = measure(case, name, quick, cpus=peer_cpus)
                     runs[case.name][name].append(dict(result, round=r, position=position))
+                    show.step()
                 show(f"round {r + 1}/{rounds}  {case.title:<16} " + ", ".join(
                     f"{name} {format_value(runs[case.name][name][-1]['value'], case.unit)}"
-                    for name in peers) + f" {case.unit}")
+                    for name in peers) + f" {case.unit}", log_only=True)
             if runner is not None:
                 show.status(f"round {r + 1}/{rounds}  C floors")
                 try:
                     got = runner.run_all()
                 except _bench_floors.FloorError as exc:
                     raise BenchError(str(exc)) from None
+                show.step()
                 show(f"round {r + 1}/{rounds}  C floors         " + ", ".join(
                     f"{name} {format_value(value, floor.unit)} {floor.unit}"
-                    for (name, value), floor in zip(got.items(), _bench_floors.FLOORS)))
+                    for (name, value), floor in zip(got.items(), _bench_floors.FLOORS)),
+                     log_only=True)
 
         for case in cases:
             report["cases"].append(_summarize(case, runs[case.name], quick))
