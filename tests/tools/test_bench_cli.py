@@ -4,6 +4,7 @@ JSON report of the documented structure. No figure is judged here (benchmarks/ d
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ OBJECT_MEMORY_ROWS = {("loopfast", "send"), ("loopfast", "recv"), ("mp_pipe", "s
 def quick_run(tmp_path_factory):
     """One `python -m loopfast bench --quick --json FILE` run: (completed process, report)."""
     path = tmp_path_factory.mktemp("bench") / "report.json"
-    command = [sys.executable, "-m", "loopfast", "bench", "--quick", "--json", str(path)]
+    command = [sys.executable, "-m", "loopfast", "bench", "--quick", "--no-floors", "--json",
+               str(path)]
     done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8",
                           timeout=180, check=False)
     assert done.returncode == 0, done.stderr
@@ -412,3 +414,26 @@ def test_quick_bench_fits_100_columns_and_ends_with_a_verdict(quick_run):
         if verdict in (targets.PASS, targets.MISS):
             assert any(line.startswith(verdict) and what[:40] in line for line in verdict_lines)
     assert "left]" in done.stderr  # progress says how much is left
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or sys.platform == "win32",
+                    reason="no C compiler (cc), or not POSIX")
+def test_the_bench_runs_loopfasts_own_c_floors_by_default(tmp_path):
+    """Without --floors, the floor programs shipped in the package are compiled and run (they
+    are real: a busy-polling 64 B round trip takes some µs, a 1 MiB stream moves GB/s)."""
+    from loopfast.tools.bench import floors as bench_floors
+    path = tmp_path / "report.json"
+    command = [sys.executable, "-m", "loopfast", "bench", "--quick", "--rounds", "1",
+               "--case", "rt64", "--no-memory", "--json", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8",
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(path.read_text(encoding="utf-8"))
+    floors = report["floors"]
+    assert os.path.samefile(floors["directory"], bench_floors.BUNDLED)
+    results = floors["results"]
+    assert set(results) == {floor.name for floor in bench_floors.FLOORS}
+    assert 0 < results["rt64_spin"]["median"] < 10_000  # µs
+    assert results["stream64_b1000"]["median"] > results["stream64_b1"]["median"] > 0
+    assert results["stream1m"]["median"] > 0.01  # GB/s
+    assert "C floor (pingpong.c and stream.c loopfast's own" in done.stdout

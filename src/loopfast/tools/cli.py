@@ -56,14 +56,20 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.floors and not os.path.isdir(args.floors):
         print(f"loopfast bench: --floors {args.floors}: not a directory", file=sys.stderr)
         return 2
+    floors, floors_skipped = args.floors, None
+    if floors is None and not args.no_floors:  # loopfast's own, where they can be built
+        floors_skipped = _bench_floors.bundled_unavailable()
+        floors = None if floors_skipped else _bench_floors.BUNDLED
     try:
         report = _bench.run(args.case, quick=args.quick, rounds=args.rounds,
-                            memory=not args.no_memory, pin=args.pin, floors=args.floors,
+                            memory=not args.no_memory, pin=args.pin, floors=floors,
                             aio=not args.no_aio, pools=not args.no_pools)
     except (_bench.BenchError, ValueError) as exc:
         print(f"loopfast bench: {exc}", file=sys.stderr)
         return 1
     print(format_report(report))
+    if floors_skipped:
+        print(f"C floors: not run ({floors_skipped})")
     print()
     print(format_verdict(report))
     if args.json:
@@ -272,8 +278,11 @@ def _cpu_text(value: Optional[float]) -> str:
 
 
 def _floor_lines(floors: _bench_floors.FloorsSection) -> list[str]:
-    lines = [f"C floor (pingpong.c and stream.c from {floors['directory']}, "
-             f"{floors['compiler']} -O2, run in every round):"]
+    bundled = (os.path.isdir(floors["directory"])
+               and os.path.samefile(floors["directory"], _bench_floors.BUNDLED))
+    where = "loopfast's own" if bundled else f"from {floors['directory']}"
+    lines = textwrap.wrap(f"C floor (pingpong.c and stream.c {where}, {floors['compiler']} -O2, "
+                          "run in every round):", width=WIDTH)
     rows = [[result["label"], result["command"], format_value(result["median"], result["unit"]),
              result["unit"], f"{format_value(result['min'], result['unit'])}–"
                              f"{format_value(result['max'], result['unit'])}"]
@@ -382,9 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "to multiprocessing.Pipe on each bar (needs matplotlib: "
                             "pip install 'loopfast[plot]')")
     bench.add_argument("--floors", metavar="DIR",
-                       help="also compile (cc -O2) and run the C floor programs pingpong.c and "
+                       help="compile (cc -O2) and run the C floor programs pingpong.c and "
                             "stream.c found in DIR, in every round, and compare loopfast's 64 B "
-                            "round trip with them")
+                            "round trip with them (default: loopfast's own, when a C compiler "
+                            "is found)")
+    bench.add_argument("--no-floors", action="store_true",
+                       help="do not run the C floors")
     bench.add_argument("--rounds", type=_positive_int, metavar="N",
                        help="rounds (default: 7, or 3 with --quick)")
     bench.add_argument("--case", action="append", metavar="NAME",

@@ -1,7 +1,9 @@
-"""The C floors in ``python -m loopfast bench --floors DIR``: DIR holds pingpong.c and stream.c
-(the project's loopback floor programs); they are compiled with ``cc -O2`` into a temporary
-directory and run in each round of the bench, beside the Python peers, so that loopfast is judged
-against what plain C reaches on the same machine in the same hour.
+"""The C floors of ``python -m loopfast bench``: two small C programs, pingpong.c and stream.c,
+that measure what plain C reaches over TCP 127.0.0.1 between two processes. loopfast ships its
+own (bench/c/, POSIX); ``--floors DIR`` takes others with the same command lines and output.
+They are compiled with ``cc -O2`` (``$CC``) into a temporary directory when the bench starts and
+run in each round, beside the Python peers, so that loopfast is judged against what plain C
+reaches on the same machine in the same hour.
 
 pingpong: ``pingpong SPIN SIZE COUNT`` prints "... rtt median X us p99 Y us";
 stream: ``stream SIZE COUNT BATCH`` prints "... N msg/s G GB/s".
@@ -17,7 +19,11 @@ import subprocess
 import tempfile
 from typing import NamedTuple, Optional, TypedDict
 
-__all__ = ["FLOORS", "Floor", "FloorResult", "FloorRunner", "FloorsSection", "summarize"]
+__all__ = ["BUNDLED", "FLOORS", "Floor", "FloorResult", "FloorRunner", "FloorsSection",
+           "bundled_unavailable", "summarize"]
+
+# loopfast's own floor programs (package data).
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c")
 
 # The longest one floor program may run (its own processes included).
 FLOOR_TIMEOUT = 120.0
@@ -57,6 +63,16 @@ class FloorResult(TypedDict):
     median: float
     min: float
     max: float
+
+
+def bundled_unavailable() -> Optional[str]:
+    """None if the bundled floor programs can be built and run here, else why not."""
+    if os.name != "posix":
+        return "the C floor programs are POSIX only"
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler!r} was not found; set CC)"
+    return None
 
 
 class FloorsSection(TypedDict):
