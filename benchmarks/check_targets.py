@@ -5,7 +5,7 @@ loopfast bench; print PASS/MISS.
     python benchmarks/check_targets.py                  # the full bench (about 2.5 minutes)
     python benchmarks/check_targets.py --quick          # fewer rounds, smaller messages
     python benchmarks/check_targets.py --from-json F    # judge a saved bench --json F
-    python benchmarks/check_targets.py --floors DIR     # also run the C floors (pingpong.c ...)
+    python benchmarks/check_targets.py --floors DIR     # other C floors (default: loopfast's own)
 
 The targets themselves are in loopfast.tools.bench.targets (the bench's own verdict uses them).
 Exit status: 0 if every target passes, 1 if any misses, 2 if one could not be judged (a case or
@@ -21,6 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from loopfast.tools.bench import runner as _bench
+from loopfast.tools.bench.floors import BUNDLED, bundled_unavailable
 from loopfast.tools.bench.targets import MISS, UNKNOWN, judge
 from loopfast.tools.cli import format_report
 
@@ -32,7 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="CPU placement of the two processes (see python -m loopfast bench -h)")
     parser.add_argument("--json", metavar="FILE", help="save the run's report to FILE")
     parser.add_argument("--floors", metavar="DIR",
-                        help="also compile and run the C floors in DIR (pingpong.c, stream.c)")
+                        help="run the C floors in DIR (pingpong.c, stream.c); default: "
+                             "loopfast's own, where a C compiler is found")
     parser.add_argument("--from-json", metavar="FILE",
                         help="judge a report saved by `python -m loopfast bench --json FILE`")
     args = parser.parse_args(argv)
@@ -42,7 +44,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.from_json, encoding="utf-8") as f:
             report = json.load(f)
     else:
-        report = _bench.run(quick=args.quick, pin=args.pin, floors=args.floors)
+        floors = args.floors
+        if floors is None and bundled_unavailable() is None:
+            floors = BUNDLED
+        report = _bench.run(quick=args.quick, pin=args.pin, floors=floors)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=1, ensure_ascii=False)
