@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, List, Type
 
-from . import _spin
+from . import _reduction, _spin
 
 __all__ = ["CHANNEL_TYPES", "Channel", "adopt", "implementation"]
 
@@ -71,7 +71,6 @@ def adopt(cls: "Type[Channel]") -> None:
     the compiled class itself while the twin is this process's own."""
     if cls not in CHANNEL_TYPES:
         CHANNEL_TYPES.append(cls)
-        from . import _reduction
         _reduction.register(cls)
         _follow_default_spin(cls)
 
@@ -84,3 +83,7 @@ def _follow_default_spin(cls: "Type[Channel]") -> None:
 
 
 _follow_default_spin(Channel)
+# multiprocessing passes every known Channel class to children, rebuilt there as their own.
+_reduction.rebuild_as(Channel)
+for _cls in CHANNEL_TYPES:
+    _reduction.register(_cls)

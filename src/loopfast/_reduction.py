@@ -9,11 +9,17 @@ import socket
 import sys
 import types
 from multiprocessing import reduction
-from typing import Any, Callable, Dict, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 
-from ._backend import CHANNEL_TYPES, Channel
+if TYPE_CHECKING:
+    from ._core.channel import Channel
 
-_Reduced = Tuple[Callable[..., Channel], Tuple[Any, ...]]
+__all__ = ["rebuild_as", "register"]
+
+_Reduced = Tuple[Callable[..., "Channel"], Tuple[Any, ...]]
+
+# The Channel class a received channel is rebuilt as: this process's own (_backend sets it).
+_rebuild_class: "Optional[Type[Channel]]" = None
 
 
 class _ModuleRef:
@@ -26,7 +32,7 @@ class _ModuleRef:
         return importlib.import_module(self.name)
 
 
-def _state(channel: Channel) -> Tuple[Any, ...]:
+def _state(channel: "Channel") -> Tuple[Any, ...]:
     channel._prepare_handover()  # first: it refuses a channel in mid-message
     serializer = channel.serializer
     if isinstance(serializer, types.ModuleType):
@@ -37,13 +43,15 @@ def _state(channel: Channel) -> Tuple[Any, ...]:
     return channel.readable, channel.writable, options
 
 
-def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any]) -> Channel:
+def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any]) -> "Channel":
     if isinstance(options["serializer"], _ModuleRef):
         options["serializer"] = options["serializer"].load()
     warn_unclosed = options.pop("warn_unclosed", True)
     peer_uid = options.pop("peer_uid", None)
     trusted = options.pop("trusted", False)
-    channel = Channel(fd, readable, writable, **options)
+    if _rebuild_class is None:  # loopfast._backend sets it when `import loopfast` runs
+        raise RuntimeError("loopfast is not initialized in this process")
+    channel = _rebuild_class(fd, readable, writable, **options)
     channel._warn_unclosed = warn_unclosed
     channel._peer_uid = peer_uid
     channel._trusted = trusted
@@ -52,29 +60,31 @@ def _rebuild(fd: int, readable: bool, writable: bool, options: Dict[str, Any]) -
 
 
 if sys.platform == "win32":  # pragma: no cover - exercised on the Windows CI runners
-    def _reduce_channel(channel: Channel) -> _Reduced:
+    def _reduce_channel(channel: "Channel") -> _Reduced:
         from multiprocessing import resource_sharer
         state = _state(channel)
         with socket.fromfd(channel.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
             shared = resource_sharer.DupSocket(sock)
         return _rebuild_from_socket, (shared, *state)
 
-    def _rebuild_from_socket(shared: Any, *state: Any) -> Channel:
+    def _rebuild_from_socket(shared: Any, *state: Any) -> "Channel":
         return _rebuild(shared.detach().detach(), *state)
 else:
-    def _reduce_channel(channel: Channel) -> _Reduced:
+    def _reduce_channel(channel: "Channel") -> _Reduced:
         state = _state(channel)
         shared = reduction.DupFd(channel.fileno())
         return _rebuild_from_fd, (shared, *state)
 
-    def _rebuild_from_fd(shared: Any, *state: Any) -> Channel:
+    def _rebuild_from_fd(shared: Any, *state: Any) -> "Channel":
         return _rebuild(shared.detach(), *state)
 
 
-def register(channel_type: Type[Channel]) -> None:
+def register(channel_type: "Type[Channel]") -> None:
     """Let multiprocessing pass channels of `channel_type` to child processes."""
     reduction.register(channel_type, _reduce_channel)
 
 
-for _channel_type in CHANNEL_TYPES:
-    register(_channel_type)
+def rebuild_as(channel_type: "Type[Channel]") -> None:
+    """Rebuild the channels this process receives as `channel_type` (its own Channel class)."""
+    global _rebuild_class
+    _rebuild_class = channel_type

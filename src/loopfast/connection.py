@@ -16,7 +16,6 @@ import time
 from types import TracebackType
 from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Tuple, Type, Union
 
-from . import _reduction  # noqa: F401  (registers Channel with multiprocessing's pickler)
 from ._address import check_peer, family_from_name, listening_socket, resolve
 from ._backend import CHANNEL_TYPES, Channel
 from ._errors import AuthenticationError, BufferTooShort, ProtocolError

@@ -121,7 +121,7 @@ socket loop: recv_into). Socket loop: 8-byte length header, sendall, recv_into, 
 _OBJECT_NOTES = """\
 Objects (send/recv): loopfast pickles at protocol 5 with a numpy array's memory out of band
 (written from the array, received into a new bytearray); multiprocessing pickles it in band.
-"vs send_bytes": the same bytes through loopfast send_bytes(array.data) / recv_bytes(), this run."""
+"bytes": the same data through loopfast send_bytes(array.data) / recv_bytes(), this run."""
 
 
 def format_report(report: Report) -> str:
