@@ -81,22 +81,7 @@ from .report import (
 )
 
 if TYPE_CHECKING:
-    # Connection, or PipeConnection on Windows
-    from multiprocessing.connection import _ConnectionBase
-    from multiprocessing.context import SpawnContext
-
-    from typing_extensions import TypeAlias
-
-
-    if sys.platform == "win32":
-        _Context: TypeAlias = SpawnContext
-    else:
-        from multiprocessing.context import ForkContext
-        _Context: TypeAlias = Union[ForkContext, SpawnContext]
-    # The control pipe between this process and a peer process: (tag, value) both ways.
-    Ctrl: TypeAlias = "_ConnectionBase[tuple[str, object], tuple[str, object]]"
-    # One measurement: "value" (the figure) and whatever else the kind records (counts, times).
-    Measurement: TypeAlias = dict[str, float]
+    from .children import Measurement
 
 __all__ = [
     "CASES",
