@@ -27,9 +27,10 @@ LOST_MID_MESSAGE = "connection lost in the middle of a message"
 OBJECT_NEEDS_RECV = ("the next message was sent with send() and carries out-of-band buffers: "
                      "receive it with recv()")
 BAD_MESSAGE_LENGTH = "bad message length"  # multiprocessing's words
-READING_STOPPED = ("this channel no longer receives: recv_bytes(maxlength={maxlength}) met a "
-                   "{length}-byte message (OSError: bad message length), which stays unread, "
-                   "and receiving stopped there, as multiprocessing's connections do")
+# multiprocessing's words first (programs may match them), then what happened
+READING_STOPPED = ("connection is write-only since recv_bytes(maxlength={maxlength}) met a "
+                   "{length}-byte message (OSError: bad message length): receiving stopped there, "
+                   "as multiprocessing's connections do, and that message stays unread")
 WRITE_ONLY = "connection is write-only"
 HANDOVER_MID_SEND = "cannot hand over a channel in the middle of sending a message"
 HANDOVER_MID_RECEIVE = "cannot hand over a channel in the middle of receiving a large message"
