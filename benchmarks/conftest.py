@@ -1,6 +1,6 @@
 """Fixtures for the pytest-benchmark files: a peer process serving the far end of a connection.
 
-The peer processes are those of ``python -m loopfast bench`` (loopfast/_bench.py): started once
+The peer processes are those of ``python -m loopfast bench`` (loopfast/tools/bench/children.py): started once
 per test (fork on Linux), running fixed-count loops on command, under a watchdog.
 """
 
