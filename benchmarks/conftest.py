@@ -1,7 +1,7 @@
 """Fixtures for the pytest-benchmark files: a peer process serving the far end of a connection.
 
-The peer processes are those of ``python -m loopfast bench`` (loopfast/tools/bench/children.py): started once
-per test (fork on Linux), running fixed-count loops on command, under a watchdog.
+The peer processes are those of ``python -m loopfast bench`` (loopfast/tools/bench/children.py):
+started once per test (fork on Linux), running fixed-count loops on command, under a watchdog.
 """
 
 from __future__ import annotations
