@@ -96,9 +96,10 @@ def documented_modules() -> List[Tuple[str, ModuleType]]:
 
 
 def resolve_public(module_name: str, module: ModuleType, name: str) -> Any:
-    """The object documented as module.name: Channel is always the compiled class if built."""
+    """The object documented as module.name: Channel (and Connection, its alias) is always the
+    compiled class if built."""
     obj = getattr(module, name)
-    if module_name == "loopfast" and name == "Channel":
+    if module_name == "loopfast" and name in ("Channel", "Connection"):
         return compiled_channel() or obj
     return obj
 
@@ -508,6 +509,7 @@ def _generate() -> str:
         "",
     ]
     modules = documented_modules()
+    documented: Dict[int, str] = {}  # id(object) -> the name it is documented under
     contents = ["## Contents", ""]
     body: List[str] = []
     for module_name, module in modules:
@@ -526,6 +528,13 @@ def _generate() -> str:
                 f"[`{name}`](#{module_name}.{name})" for name, _ in grouped[kind]))
             body += [f"## {SECTION_TITLES[kind]} (`{module_name}`)", ""]
             for name, obj in grouped[kind]:
+                alias_of = documented.get(id(obj))
+                if alias_of is not None:  # another name of something documented already
+                    body += [anchor(f"{module_name}.{name}"), f"### `{module_name}.{name}`", "",
+                             f"The same object as [`{alias_of}`](#{module_name}.{alias_of}).",
+                             ""]
+                    continue
+                documented[id(obj)] = name
                 body += RENDERERS[kind](module_name, name, obj)
     text = "\n".join(lines + contents + [""] + body)
     return re.sub(r"\n{3,}", "\n\n", text).rstrip("\n") + "\n"
