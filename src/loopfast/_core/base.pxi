@@ -37,15 +37,52 @@ cdef class _ChannelBase:
         if self._recv_lock != NULL:
             PyThread_free_lock(self._recv_lock)
 
-    cdef int _unblocked(self) except -1:
-        """Call (with the GIL) after a GIL-released call on the socket: raises OSError if the
-        channel was closed meanwhile, closing the socket if this was the last blocked thread."""
-        self._blocked -= 1
-        if self._fd == LF_INVALID_SOCKET:
-            if self._blocked == 0 and self._deferred_close_fd != LF_INVALID_SOCKET:
-                lf_close(self._deferred_close_fd)
+    # ---- using the socket: the one protocol that makes close() safe from any thread ------------
+    #
+    # Every syscall on _fd runs between _enter_fd() and _leave_fd(), which count it in _blocked.
+    # close() takes _fd away and, while any such call is under way, shuts the socket down (which
+    # wakes a thread asleep in poll()) instead of closing it: the last call to leave closes it.
+    # So a descriptor is never closed under a syscall, and its number never reused under one.
+    # The three touch _fd, _blocked and _deferred_close_fd inside a critical section on the
+    # channel: free-threaded, another thread's close() runs truly at the same time; with the GIL
+    # (which the section then compiles away to nothing) the GIL alone orders them.
+
+    cdef int _enter_fd(self, lf_socket_t *fd) except -1:
+        """Before a syscall on the socket: its descriptor into *fd, counted in _blocked; OSError
+        if the channel is closed."""
+        cdef bint closed
+        with cython.critical_section(self):
+            fd[0] = self._fd
+            closed = fd[0] == LF_INVALID_SOCKET
+            if not closed:
+                self._blocked += 1
+        if closed:
+            raise OSError("handle is closed")
+        return 0
+
+    cdef int _leave_fd(self) except -1:
+        """After the syscall: raises OSError if the channel was closed meanwhile, closing the
+        socket if this was the last call on it."""
+        cdef lf_socket_t deferred = LF_INVALID_SOCKET
+        cdef bint closed
+        with cython.critical_section(self):
+            self._blocked -= 1
+            closed = self._fd == LF_INVALID_SOCKET
+            if closed and self._blocked == 0:
+                deferred = self._deferred_close_fd
                 self._deferred_close_fd = LF_INVALID_SOCKET
+        if deferred != LF_INVALID_SOCKET:
+            lf_close(deferred)
+        if closed:
             raise OSError(_messages.CLOSED_WHILE_WAITING)
+        return 0
+
+    cdef int _drop_receive_state(self) except -1:
+        """A closed channel lets go of a half-received message and its window (the receive
+        lock is held)."""
+        self._pending = self._pending_sizes = None
+        self._deferred_handshake = None
+        self._rstart = self._rend = self._head_have = 0
         return 0
 
     cdef int _check_readable(self) except -1:
@@ -75,7 +112,7 @@ cdef class _ChannelBase:
         With `peek_size` (a wait for data), a busy-poll that sees data leaves up to that many
         bytes of it in the window and sets _spin_peeked."""
         cdef int64_t remaining, started
-        cdef int timeout_ms, rc, err
+        cdef int timeout_ms, rc, err, skip
         cdef short revents = 0
         cdef char *peek_buf = NULL
         cdef Py_ssize_t peeked = -1
@@ -87,8 +124,9 @@ cdef class _ChannelBase:
         # room to send: a receiver of a stream that spins takes each message alone as it
         # arrives, which costs the stream more than a sleeping receiver's wake-ups.
         if spin_ns > 0 and deadline != 0 and (events != LF_POLLIN or self._sent_since_recv):
-            if self._spin_skip > 0:
-                self._spin_skip -= 1
+            skip = lf_relaxed_load_int(&self._spin_skip)
+            if skip > 0:
+                lf_relaxed_store_int(&self._spin_skip, skip - 1)
             else:
                 # Bounded busy-polling: a sleeping receiver costs ~25 us of kernel wake-up per hop
                 # on loopback, so check readiness (never read: poll() must not consume) in a
@@ -98,35 +136,34 @@ cdef class _ChannelBase:
                     self._rstart = self._rend = 0
                     peek_buf = self._rbuf
                     peek_size = min(peek_size, self._rcap)
-                self._blocked += 1
+                self._enter_fd(&fd)
                 with nogil:
                     started = lf_monotonic_ns()
                     rc = _spin_until_ready(fd, events, spin_ns, deadline, peek_buf,
                                            <size_t>peek_size, &peeked)
-                    self._spun_ns += lf_monotonic_ns() - started
-                self._unblocked()
+                    # Both directions spin: an atomic add, as no lock covers both.
+                    lf_counter_add(&self._spun_ns, <uint64_t>(lf_monotonic_ns() - started))
+                self._leave_fd()
                 if peeked >= 0:
                     self._rstart = 0
                     self._rend = peeked
                     self._peek_saw_all = peeked < peek_size
                     self._spin_peeked = True
                 if rc > 0 and rc != SPIN_READY_SHARED:
-                    self._spin_backoff = 0
+                    lf_relaxed_store_int(&self._spin_backoff, 0)
                     return 0
                 if rc == SPIN_READY_SHARED or rc == SPIN_CONTENDED:
                     # The peer shares this CPU: sleep instead for the next waits (8, 16, ... up
                     # to 1024 of them), then try spinning again in case it moved.
-                    self._spin_backoff = min(max(8, 2 * self._spin_backoff), 1024)
-                    self._spin_skip = self._spin_backoff
+                    skip = min(max(8, 2 * lf_relaxed_load_int(&self._spin_backoff)), 1024)
+                    lf_relaxed_store_int(&self._spin_backoff, skip)
+                    lf_relaxed_store_int(&self._spin_skip, skip)
                     if rc == SPIN_READY_SHARED:
                         return 0
                 # A signal that arrived while spinning interrupted no syscall: run its handler
                 # now (Ctrl-C raises here), or the blocking wait below would sleep through it.
                 PyErr_CheckSignals()
         while True:
-            fd = self._fd
-            if fd == LF_INVALID_SOCKET:
-                raise OSError("handle is closed")
             if deadline < 0:
                 timeout_ms = -1
             else:
@@ -135,11 +172,11 @@ cdef class _ChannelBase:
                     timeout_ms = 0
                 else:  # round up: never return before the deadline
                     timeout_ms = <int>min((remaining + 999999) // 1000000, 0x7fffffff)
-            self._blocked += 1
+            self._enter_fd(&fd)
             with nogil:
                 rc = lf_poll(fd, events, timeout_ms, &revents)
                 err = lf_last_error()
-            self._unblocked()
+            self._leave_fd()
             if rc > 0:
                 return 0
             if rc == 0:
@@ -154,17 +191,26 @@ cdef class _ChannelBase:
     cdef int _count_consumed(self, Py_ssize_t n) except -1:
         """Record `n` bytes received straight from the socket (a payload, a head, handshake
         bytes) in the ledger."""
-        self._consumed_seen = lf_counter_add(self._ledger, <uint64_t>n)
+        with cython.critical_section(self):  # the fork handler may be moving the ledger
+            self._consumed_seen = lf_counter_add(self._ledger, <uint64_t>n)
         return 0
 
     cdef int _flush_discards(self) except -1:
         """Discard from the socket the bytes delivered and not yet discarded (_deliver)."""
-        cdef uint64_t undiscarded = lf_counter_load(self._ledger + 1)
+        cdef uint64_t undiscarded = 0
         cdef Py_ssize_t n, chunk
-        if undiscarded == 0 or self._fd == LF_INVALID_SOCKET:
+        # The usual case, nothing to discard, needs no lock: a look at either ledger (the fork
+        # handler copies the counts before it switches) tells the truth.
+        if lf_counter_load(self._ledger + 1) == 0:
+            return 0
+        with cython.critical_section(self):  # the fork handler may be moving the ledger
+            if self._fd != LF_INVALID_SOCKET:
+                undiscarded = lf_counter_load(self._ledger + 1)
+                if undiscarded:
+                    lf_counter_add(self._ledger + 1, <uint64_t>0 - undiscarded)
+        if undiscarded == 0:
             return 0
         n = <Py_ssize_t>undiscarded
-        lf_counter_add(self._ledger + 1, <uint64_t>0 - undiscarded)
         # Where a copy is received where the discarding receive copies (not Linux), it must not
         # overwrite the window: the delivered bytes precede it, or the window is empty.
         if n <= self._rstart:
@@ -212,13 +258,16 @@ cdef class _ChannelBase:
         """Consume `n` bytes known (peeked) to be queued, whose copy is at `at`."""
         cdef Py_ssize_t got
         cdef int err
+        cdef lf_socket_t fd
         while n > 0:
-            got = lf_discard(self._fd, at, <size_t>n)
+            self._enter_fd(&fd)
+            got = lf_discard(fd, at, <size_t>n)
+            err = lf_last_error()
+            self._leave_fd()
             if got > 0:
                 n -= got
                 at += got
                 continue
-            err = lf_last_error()
             if got < 0 and lf_error_interrupted(err):
                 continue  # nothing was consumed; the bytes are still queued
             if got < 0 and lf_error_would_block(err):

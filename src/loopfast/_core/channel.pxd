@@ -38,6 +38,8 @@ cdef extern from "platform.h" nogil:
     void lf_shared_ledger_free(uint64_t *p)
     uint64_t lf_counter_load(uint64_t *p)
     uint64_t lf_counter_add(uint64_t *p, uint64_t n)
+    int lf_relaxed_load_int(int *p)
+    void lf_relaxed_store_int(int *p, int v)
     void lf_set_os_error(int err) with gil
     void lf_store_u64le(unsigned char *p, uint64_t v)
     uint64_t lf_load_u64le(const unsigned char *p)
@@ -61,9 +63,11 @@ cdef class _ChannelBase:
     cdef uint64_t _max_message_size  # frames announcing more raise ProtocolError before allocating
     cdef object _max_message_size_obj  # the same, as given (int or None), for the property
     cdef int64_t _spin_ns           # busy-poll budget before a wait sleeps; -1: process default
+    # The spin state is shared by both directions (a sender's wait for room, a receiver's for a
+    # reply), under no lock: it is a hint, read and written with relaxed atomics (platform.h).
     cdef int _spin_skip             # waits left that sleep without spinning (the CPU was shared)
     cdef int _spin_backoff          # how many the last contention made skip (doubles, to 1024)
-    cdef int64_t _spun_ns           # time spent busy-polling, in all (_spin_time())
+    cdef uint64_t _spun_ns          # ns spent busy-polling, in all (_spin_time()); atomic adds
     cdef object _serializer         # dumps/loads for send()/recv(); None: pickle-5 out of band
     cdef public bint _warn_unclosed  # ResourceWarning when collected open (False: a queue's pipe)
     cdef public object _peer_uid    # the uid of the peer's socket, checked at the handshake
@@ -115,7 +119,7 @@ cdef class _ChannelBase:
     cdef object _send_rest          # bytes, or None
     cdef Py_ssize_t _send_rest_sent  # how much of _send_rest has gone out since
 
-    cdef int _blocked               # threads inside a GIL-released call on _fd (see close())
+    cdef int _blocked               # syscalls under way on _fd (_enter_fd() in base.pxi)
     cdef lf_socket_t _deferred_close_fd  # closed by the last of them, after close() shut it down
     # batch(): small frames gather here and go out many per send().
     cdef int _batch_depth           # open batch() blocks
@@ -129,7 +133,9 @@ cdef class _ChannelBase:
     cdef object _reading_stopped    # why receiving stopped (recv_bytes' maxlength), or None
     cdef object __weakref__
 
-    cdef int _unblocked(self) except -1
+    cdef int _enter_fd(self, lf_socket_t *fd) except -1
+    cdef int _leave_fd(self) except -1
+    cdef int _drop_receive_state(self) except -1
     cdef int _check_readable(self) except -1
     cdef int _check_writable(self) except -1
     cdef int _wait(self, short events, int64_t deadline, Py_ssize_t peek_size=*) except -1
@@ -142,6 +148,7 @@ cdef class _ChannelBase:
 
 
 cdef class _SendPath(_ChannelBase):
+    cdef int _unlock_send(self) except -1
     cdef int _flush_rest(self, int64_t deadline) except -1
     cdef int _flush_pending_sends(self, int64_t deadline) except -1
     cdef int _reserve_batch(self, Py_ssize_t extra) except -1

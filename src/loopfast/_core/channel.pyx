@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, freethreading_compatible=True
 """The compiled channel: framed messages over a nonblocking loopback TCP socket.
 
 This is where frames are encoded (``_send_frame``) and parsed (``_next_head``, ``_take_frame``);
@@ -19,6 +19,7 @@ from cpython.pythread cimport (NOWAIT_LOCK, PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyLo
                                PyThread_free_lock, PyThread_release_lock)
 from libc.stdint cimport UINT64_MAX, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
+cimport cython
 
 import operator
 import os
@@ -396,8 +397,21 @@ cdef inline int _lock(PyThread_type_lock lock, int64_t deadline, str what) excep
             PyErr_CheckSignals()
 
 
-# Every open channel of this process, for the fork handler below.
-cdef object _channels = weakref.WeakSet()
+# Every channel of this process, for the fork handlers below: weak references that remove
+# themselves when their channel goes. A snapshot is set.copy(), one C call that another thread
+# cannot interleave with, with or without the GIL (a WeakSet is iterated by Python code, which
+# another thread's new channel interrupts: "Set changed size during iteration").
+cdef set _channels = set()
+cdef object _forget_channel = _channels.discard
+
+
+cdef list _live_channels():
+    cdef list out = []
+    for ref in _channels.copy():
+        channel = ref()
+        if channel is not None:
+            out.append(channel)
+    return out
 
 
 def _before_fork():
@@ -406,13 +420,18 @@ def _before_fork():
     did, and either can discard what the other delivered. Where the mapping fails, the channel
     settles its ledger now and forgets what it saw at every receive."""
     cdef Channel channel
-    for channel in list(_channels):
+    cdef uint64_t *shared
+    for channel in _live_channels():
         if channel._ledger == channel._own_ledger and channel._fd != LF_INVALID_SOCKET:
             shared = lf_shared_ledger_new()
             if shared == NULL:
+                channel._shared = True  # forget the window at every receive from now on
                 channel._flush_discards()
-                channel._shared = True
-            else:
+                continue
+            # Another thread may be receiving (free-threaded, at this very moment): its ledger
+            # updates take the same critical section (_deliver, _count_consumed, _flush_discards),
+            # so none lands in the old ledger after the counts were copied.
+            with cython.critical_section(channel):
                 shared[0] = channel._own_ledger[0]
                 shared[1] = channel._own_ledger[1]
                 channel._ledger = shared
@@ -423,7 +442,7 @@ def _after_fork_in_child():
     Forget the parent's blocked threads, or the child's close() would shut down the socket it
     shares with the parent (see close()) instead of closing its own descriptor."""
     cdef Channel channel
-    for channel in list(_channels):
+    for channel in _live_channels():
         channel._blocked = 0
         if channel._deferred_close_fd != LF_INVALID_SOCKET:
             lf_close(channel._deferred_close_fd)
@@ -510,7 +529,7 @@ cdef class Channel(_ReceivePath):
         self._fd = c_fd
         self._readable = readable
         self._writable = writable
-        _channels.add(self)
+        _channels.add(weakref.ref(self, _forget_channel))
 
     def __del__(self):
         if self._fd != LF_INVALID_SOCKET:
@@ -595,21 +614,31 @@ cdef class Channel(_ReceivePath):
 
         A thread blocked in a receive or send on this channel wakes up and raises OSError.
         """
-        cdef lf_socket_t fd = self._fd
-        if fd != LF_INVALID_SOCKET:
+        cdef lf_socket_t fd
+        cdef bint busy
+        with cython.critical_section(self):  # see _enter_fd() in base.pxi
+            fd = self._fd
             self._fd = LF_INVALID_SOCKET
-            self._pending = self._pending_sizes = None
-            self._send_rest = None
-            self._deferred_handshake = None
-            self._rstart = self._rend = self._head_have = 0
-            if self._blocked:
-                # Another thread is in poll()/recv()/send() on fd with the GIL released. Closing
-                # fd would not wake it (and the number could be reused under it): shut the
-                # socket down, which wakes it, and let the last such thread close fd.
+            busy = self._blocked > 0
+            if busy and fd != LF_INVALID_SOCKET:
+                # Another thread is in a syscall on fd (poll(), recv(), send()). Closing fd would
+                # not wake it (and the number could be reused under it): shut the socket down,
+                # which wakes it, and let the last such call close fd (_leave_fd).
                 lf_shutdown_both(fd)
                 self._deferred_close_fd = fd
-            else:
-                lf_close(fd)
+        if fd == LF_INVALID_SOCKET:
+            return
+        if not busy:
+            lf_close(fd)
+        # What a receive or send left half-done is let go of here, unless a receive or send is
+        # under way (in another thread, or in this one: a signal handler, a protocol error):
+        # that one lets go of it when it ends (_settle, _unlock_send).
+        if PyThread_acquire_lock(self._recv_lock, NOWAIT_LOCK):
+            self._drop_receive_state()
+            PyThread_release_lock(self._recv_lock)
+        if PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
+            self._send_rest = None
+            PyThread_release_lock(self._send_lock)
 
     def __enter__(self):
         return self

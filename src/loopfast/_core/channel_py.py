@@ -67,8 +67,16 @@ from .support_py import (
 
 __all__ = ["Channel"]
 
-# Every open channel of this process, for the fork handler below.
-_channels = weakref.WeakSet()
+# Every channel of this process, for the fork handlers below: weak references that remove
+# themselves when their channel goes. A snapshot is set.copy(), one C call that another thread
+# cannot interleave with, with or without the GIL (a WeakSet is iterated by Python code, which
+# another thread's new channel interrupts: "Set changed size during iteration").
+_channels = set()
+_forget_channel = _channels.discard
+
+
+def _live_channels():
+    return [channel for channel in (ref() for ref in _channels.copy()) if channel is not None]
 
 
 def _after_fork_in_child():
@@ -76,7 +84,7 @@ def _after_fork_in_child():
     Forget the parent's blocked threads, or the child's close() would shut down the socket it
     shares with the parent (see close()) instead of closing its own descriptor. And every
     channel's socket is now shared with the parent."""
-    for channel in list(_channels):
+    for channel in _live_channels():
         channel._blocked = 0
         channel._shared = True
         deferred, channel._deferred_close = channel._deferred_close, None
@@ -87,7 +95,7 @@ def _after_fork_in_child():
 def _after_fork_in_parent():
     """The child may receive from every channel's socket too: what this process knows of their
     queues can go stale."""
-    for channel in list(_channels):
+    for channel in _live_channels():
         channel._shared = True
 
 
@@ -229,7 +237,7 @@ class Channel(ReceivePath, SendPath):
         self._fd = fd_number
         self._readable = readable
         self._writable = writable
-        _channels.add(self)
+        _channels.add(weakref.ref(self, _forget_channel))
 
     def __del__(self, _warn=warnings.warn, _is_finalizing=sys.is_finalizing):
         if getattr(self, "_sock", None) is not None:
@@ -320,10 +328,15 @@ class Channel(ReceivePath, SendPath):
             if sock is None:
                 return
             self._sock = None
-            self._pending = self._pending_sizes = None
-            self._send_rest = None
-            self._deferred_handshake = None
-            self._rstart = self._rend = self._head_have = 0
+            # What a receive or send left half-done is let go of here, unless one is under way
+            # (in another thread, or in this one: a signal handler, a protocol error): that one
+            # lets go of it when it ends (_receive_ended, _send_ended).
+            if self._recv_lock.acquire(False):
+                self._receive_ended()
+                self._recv_lock.release()
+            if self._send_lock.acquire(False):
+                self._send_ended()
+                self._send_lock.release()
             if self._blocked:
                 # Another thread waits in poll() on this fd. Closing it would not wake that
                 # thread (and the number could be reused under it): shut the socket down, which
@@ -338,6 +351,20 @@ class Channel(ReceivePath, SendPath):
             sock.close()  # socket.close() marks it closed first: its finalizer never closes again
         except OSError:
             pass  # as close(2)'s result in the compiled channel: the fd is gone either way
+
+    def _receive_ended(self):
+        """End of a receive (the receive lock is held): a channel closed meanwhile lets go of a
+        half-received message and its window."""
+        if self._sock is None:
+            self._pending = self._pending_sizes = None
+            self._deferred_handshake = None
+            self._rstart = self._rend = self._head_have = 0
+
+    def _send_ended(self):
+        """End of a send (the send lock is held): a channel closed meanwhile lets go of the
+        unsent rest of a frame."""
+        if self._sock is None:
+            self._send_rest = None
 
     def _unblocked(self):
         """Call after a wait: raises OSError if the channel was closed meanwhile, closing the

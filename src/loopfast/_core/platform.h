@@ -151,6 +151,10 @@ static inline uint64_t lf_counter_load(uint64_t *p) {
 static inline uint64_t lf_counter_add(uint64_t *p, uint64_t n) {
     return (uint64_t)InterlockedExchangeAdd64((volatile LONG64 *)p, (LONG64)n) + n;
 }
+/* A hint shared by threads under no lock (the spin state): a plain aligned access, which the
+   volatile keeps the compiler from tearing, caching or reordering away (MSVC, x64 and ARM64). */
+static inline int lf_relaxed_load_int(int *p) { return *(volatile int *)p; }
+static inline void lf_relaxed_store_int(int *p, int v) { *(volatile int *)p = v; }
 
 /* Sets the matching OSError subclass (ConnectionResetError, ...) for a Winsock error code. */
 static inline void lf_set_os_error(int err) { PyErr_SetExcFromWindowsErr(PyExc_OSError, err); }
@@ -328,6 +332,10 @@ static inline uint64_t lf_counter_load(uint64_t *p) { return __atomic_load_n(p, 
 static inline uint64_t lf_counter_add(uint64_t *p, uint64_t n) {
     return __atomic_add_fetch(p, n, __ATOMIC_ACQ_REL);
 }
+/* A hint shared by threads under no lock (the spin state): relaxed atomics, which cost what a
+   plain access costs and are no data race for the compiler or ThreadSanitizer. */
+static inline int lf_relaxed_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void lf_relaxed_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 /* Sets the matching OSError subclass (ConnectionResetError, BrokenPipeError, ...) for errno. */
 static inline void lf_set_os_error(int err) {

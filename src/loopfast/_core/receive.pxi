@@ -37,8 +37,9 @@ cdef class _ReceivePath(_SendPath):
         delivered bytes only while it also holds a whole message not yet delivered (its
         readiness stays the truth), and the ledger says how many, for a process that shares
         the socket to discard them first."""
-        self._consumed_seen = lf_counter_add(self._ledger, <uint64_t>n)
-        lf_counter_add(self._ledger + 1, <uint64_t>n)
+        with cython.critical_section(self):  # the fork handler may be moving the ledger
+            self._consumed_seen = lf_counter_add(self._ledger, <uint64_t>n)
+            lf_counter_add(self._ledger + 1, <uint64_t>n)
         self._rstart += n
         return 0
 
@@ -49,6 +50,8 @@ cdef class _ReceivePath(_SendPath):
         cdef Py_ssize_t avail = self._rend - self._rstart
         cdef const unsigned char *h = <const unsigned char *>(self._rbuf + self._rstart)
         cdef lf_head head
+        if self._fd == LF_INVALID_SOCKET:  # closed meanwhile (close() cannot take this lock)
+            return self._drop_receive_state()
         if lf_counter_load(self._ledger + 1) == 0:
             return 0
         if self._shared:  # a process we cannot see may receive next: it must find none
@@ -63,19 +66,20 @@ cdef class _ReceivePath(_SendPath):
         how many (> 0), 0 at the end of the stream, -1 when nothing is queued."""
         cdef Py_ssize_t n
         cdef int err
-        if self._fd == LF_INVALID_SOCKET:
-            raise OSError("handle is closed")
+        cdef lf_socket_t fd
         self._flush_discards()  # a look must start at the first byte not delivered
         if size > self._rcap:
             size = self._rcap
         while True:
-            n = lf_peek(self._fd, self._rbuf, <size_t>size)
+            self._enter_fd(&fd)
+            n = lf_peek(fd, self._rbuf, <size_t>size)
+            err = lf_last_error()
+            self._leave_fd()
             if n >= 0:
                 self._rstart = 0
                 self._rend = n
                 self._peek_saw_all = n < size
                 return n
-            err = lf_last_error()
             self._rstart = self._rend = 0
             if lf_error_would_block(err):
                 self._queue_empty = True
@@ -158,21 +162,18 @@ cdef class _ReceivePath(_SendPath):
         cdef lf_socket_t fd
         self._flush_discards()
         while True:
-            fd = self._fd
-            if fd == LF_INVALID_SOCKET:
-                raise OSError("handle is closed")
             if self._last_recv_was_empty:
                 # The last read came back short: the socket is drained, wait before reading.
                 if self._wait(LF_POLLIN, deadline):
                     raise TimeoutError(_messages.TIMED_OUT_MID_MESSAGE)
-            self._blocked += 1
+            self._enter_fd(&fd)
             with nogil:
                 if count == 1:
                     n = lf_recv(fd, <char *>iov[0].base, iov[0].len)
                 else:
                     n = lf_recvv(fd, iov, count)
                 err = lf_last_error()
-            self._unblocked()
+            self._leave_fd()
             if n > 0:
                 self._count_consumed(n)
                 self._last_recv_was_empty = n < total
@@ -662,7 +663,7 @@ cdef class _ReceivePath(_SendPath):
 
     def _spin_time(self):
         """Seconds this channel has spent busy-polling, in all (for tests and diagnostics)."""
-        return self._spun_ns / 1e9
+        return lf_counter_load(&self._spun_ns) / 1e9
 
     def _awaits_reply(self):
         """True if this channel sent since its last receive (its waits for data busy-poll)."""
@@ -697,16 +698,17 @@ cdef class _ReceivePath(_SendPath):
         if max_size == 0:
             return b""
         out = PyBytes_FromStringAndSize(NULL, max_size)
+        cdef lf_socket_t fd
         while True:
-            if self._fd == LF_INVALID_SOCKET:
-                raise OSError("handle is closed")
-            n = lf_recv(self._fd, PyBytes_AS_STRING(out), <size_t>max_size)
+            self._enter_fd(&fd)
+            n = lf_recv(fd, PyBytes_AS_STRING(out), <size_t>max_size)
+            err = lf_last_error()
+            self._leave_fd()
             if n > 0:
                 self._count_consumed(n)
                 return out if n == max_size else out[:n]
             if n == 0:
                 raise EOFError(_messages.PEER_CLOSED)
-            err = lf_last_error()
             if lf_error_would_block(err):
                 if self._wait(LF_POLLIN, deadline):
                     raise TimeoutError(_messages.TIMED_OUT_WAITING)

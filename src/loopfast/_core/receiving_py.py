@@ -464,7 +464,7 @@ class ReceivePath:
                 raise ValueError("negative maxlength")
             maxlength = _ssize(maxlength)
         deadline = _deadline(timeout)
-        with _take(self._recv_lock, deadline, "receive"):
+        with _take(self._recv_lock, deadline, "receive", self._receive_ended):
             self._begin_receive(deadline)
             out = self._recv_bytes_frame(deadline, maxlength)
             self._sent_since_recv = False
@@ -498,7 +498,7 @@ class ReceivePath:
             if limit < 1:
                 raise ValueError(_messages.BAD_MAX_MESSAGES)
         deadline = _deadline(timeout)
-        with _take(self._recv_lock, deadline, "receive"):
+        with _take(self._recv_lock, deadline, "receive", self._receive_ended):
             self._begin_receive(deadline)
             out = [self._recv_bytes_frame(deadline, None)]
             self._sent_since_recv = False
@@ -545,7 +545,7 @@ class ReceivePath:
         A MemoryError leaves the message in the socket, for the next receive."""
         self._check_readable()
         deadline = _deadline(timeout)
-        with _take(self._recv_lock, deadline, "receive"):
+        with _take(self._recv_lock, deadline, "receive", self._receive_ended):
             self._begin_receive(deadline)
             if self._pending is not None:
                 kind = self._pending_kind
@@ -583,7 +583,7 @@ class ReceivePath:
             if offset > len(dst):
                 raise ValueError("offset too large")
             deadline = _deadline(timeout)
-            with _take(self._recv_lock, deadline, "receive"):
+            with _take(self._recv_lock, deadline, "receive", self._receive_ended):
                 self._begin_receive(deadline)
                 return self._recv_into(dst, offset, deadline)
         finally:
@@ -642,7 +642,7 @@ class ReceivePath:
         self._check_readable()
         deadline = _deadline(timeout)
         if self._deferred_handshake is not None:
-            with _take(self._recv_lock, deadline, "receive"):
+            with _take(self._recv_lock, deadline, "receive", self._receive_ended):
                 try:
                     if self._deferred_handshake is not None:
                         self._finish_handshake(deadline)

@@ -4,6 +4,14 @@
 cdef class _SendPath(_ChannelBase):
     """The send half of a Channel."""
 
+    cdef int _unlock_send(self) except -1:
+        """Release the send lock; a channel closed meanwhile (close() cannot take this lock while
+        a send holds it) lets go of the unsent rest of a frame first."""
+        if self._fd == LF_INVALID_SOCKET:
+            self._send_rest = None
+        PyThread_release_lock(self._send_lock)
+        return 0
+
     cdef int _send_all(self, lf_iovec *iov, int count, Py_ssize_t total,
                        int64_t deadline, Py_ssize_t *progress=NULL) except -1:
         """Write all `total` bytes described by `iov`. If the deadline passes (or a signal
@@ -18,20 +26,19 @@ cdef class _SendPath(_ChannelBase):
         cdef char *p
         self._sent_since_recv = True
         while True:
-            fd = self._fd
-            if fd == LF_INVALID_SOCKET:
-                raise OSError("handle is closed")
             if full:
                 n = -1  # wait for room first rather than make a write that would fail
             elif total - sent > RELEASE_GIL_SIZE:
-                self._blocked += 1
+                self._enter_fd(&fd)
                 with nogil:
                     n = _write(fd, iov, count)
                     err = lf_last_error()
-                self._unblocked()
+                self._leave_fd()
             else:
+                self._enter_fd(&fd)
                 n = _write(fd, iov, count)
                 err = lf_last_error()
+                self._leave_fd()
             if n >= 0:
                 sent += n
                 if progress != NULL:
@@ -186,7 +193,7 @@ cdef class _SendPath(_ChannelBase):
                 raise TimeoutError(f"timed out flushing; {self._unsent()} bytes are still "
                                    "queued") from None
         finally:
-            PyThread_release_lock(self._send_lock)
+            self._unlock_send()
 
     @property
     def unsent_bytes(self):
@@ -209,7 +216,7 @@ cdef class _SendPath(_ChannelBase):
             if self._batch_depth == 0 and self._fd != LF_INVALID_SOCKET:
                 self._flush_pending_sends(_deadline(timeout))
         finally:
-            PyThread_release_lock(self._send_lock)
+            self._unlock_send()
         return 0
 
     def send_bytes_many(self, buffers, *, timeout=None):
@@ -274,7 +281,7 @@ cdef class _SendPath(_ChannelBase):
                 self._flush_pending_sends(deadline)
                 self._send_all(iov, <int>niov, total, deadline)
             finally:
-                PyThread_release_lock(self._send_lock)
+                self._unlock_send()
         finally:
             for i in range(nviews):
                 PyBuffer_Release(&views[i])
@@ -310,7 +317,7 @@ cdef class _SendPath(_ChannelBase):
             try:
                 self._send_frame(kind, <char *>view.buf + offset, size, deadline)
             finally:
-                PyThread_release_lock(self._send_lock)
+                self._unlock_send()
         finally:
             PyBuffer_Release(&view)
         return 0
@@ -381,7 +388,7 @@ cdef class _SendPath(_ChannelBase):
                 self._flush_pending_sends(deadline)
                 self._send_all(iov, <int>(count + 2), <Py_ssize_t>(HEADER_SIZE + total), deadline)
             finally:
-                PyThread_release_lock(self._send_lock)
+                self._unlock_send()
         finally:
             for i in range(nviews):
                 PyBuffer_Release(&views[i])

@@ -184,7 +184,7 @@ class SendPath:
         deadline passes first; what is still unsent stays queued, in order."""
         self._check_writable()
         deadline = _deadline(timeout)
-        with _take(self._send_lock, deadline, "send"):
+        with _take(self._send_lock, deadline, "send", self._send_ended):
             try:
                 self._flush_pending_sends(deadline)
             except TimeoutError:
@@ -231,7 +231,7 @@ class SendPath:
             if block:
                 parts.append(bytes(block))
             self._advance_handshake_nowait()
-            with _take(self._send_lock, deadline, "send"):
+            with _take(self._send_lock, deadline, "send", self._send_ended):
                 self._flush_pending_sends(deadline)
                 self._send_all(parts, deadline)
         finally:
@@ -253,7 +253,8 @@ class SendPath:
                 if offset + size > len(view):
                     raise ValueError("buffer length < offset + size")
             self._advance_handshake_nowait()
-            with view[offset:offset + size] as payload, _take(self._send_lock, deadline, "send"):
+            with view[offset:offset + size] as payload, \
+                    _take(self._send_lock, deadline, "send", self._send_ended):
                 self._send_frame(kind, payload, deadline)
         finally:
             view.release()
@@ -309,7 +310,7 @@ class SendPath:
         head = (FRAME_HEADER.pack(KIND_OBJECT, 0, 0, count, length)
                 + struct.pack(f"<{count + 1}Q", *sizes))
         self._advance_handshake_nowait()
-        with _take(self._send_lock, deadline, "send"):
+        with _take(self._send_lock, deadline, "send", self._send_ended):
             self._flush_pending_sends(deadline)
             self._send_all([head, data, *buffers], deadline)
 

@@ -84,23 +84,30 @@ def _deadline(timeout):
 
 
 class _Held:
-    """A channel lock taken by _take(); released when the with block ends."""
+    """A channel lock taken by _take(); released when the with block ends, after `ending()`
+    (which lets a channel closed meanwhile drop what the call left half-done)."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_ending", "_lock")
 
-    def __init__(self, lock):
+    def __init__(self, lock, ending):
         self._lock = lock
+        self._ending = ending
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        self._lock.release()
+        try:
+            if self._ending is not None:
+                self._ending()
+        finally:
+            self._lock.release()
 
 
-def _take(lock, deadline, what):
+def _take(lock, deadline, what, ending=None):
     """Take a channel lock (another thread's send or receive holds it while it runs), waiting no
-    longer than the call's deadline; interruptible by Ctrl-C. Use as `with _take(...):`."""
+    longer than the call's deadline; interruptible by Ctrl-C. Use as `with _take(...):`; the
+    call `ending()` runs before the lock is released."""
     if not lock.acquire(False):
         if deadline < 0:
             lock.acquire()
@@ -108,7 +115,7 @@ def _take(lock, deadline, what):
             remaining = (deadline - time.monotonic_ns()) / 1e9
             if remaining <= 0 or not lock.acquire(timeout=remaining):
                 raise TimeoutError(_messages.TIMED_OUT_LOCK.format(what=what))
-    return _Held(lock)
+    return _Held(lock, ending)
 
 
 # ---- buffers -------------------------------------------------------------------------------------
