@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional, Sequence
 from . import doctor as _doctor
 from . import soak as _soak
 from .bench import aio as _bench_aio
+from .bench import threads as _bench_threads
 from .bench import floors as _bench_floors
 from .bench import plot as _bench_plot
 from .bench import pools as _bench_pools
@@ -63,7 +64,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         report = _bench.run(args.case, quick=args.quick, rounds=args.rounds,
                             memory=not args.no_memory, pin=args.pin, floors=floors,
-                            aio=not args.no_aio, pools=not args.no_pools)
+                            aio=not args.no_aio, pools=not args.no_pools,
+                            threads=not args.no_threads)
     except (_bench.BenchError, ValueError) as exc:
         print(f"loopfast bench: {exc}", file=sys.stderr)
         return 1
@@ -201,6 +203,10 @@ def format_report(report: Report) -> str:
     if pools:
         lines.append("")
         lines.append(_bench_pools.format_report(pools))
+    threads = report.get("threads")
+    if threads:
+        lines.append("")
+        lines.append(_bench_threads.format_report(threads))
     return "\n".join(lines)
 
 
@@ -414,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip multiprocessing's pools and queues (ProcessPoolExecutor, "
                             "Pool, Queue: stock beside loopfast.get_context(); not run with "
                             "--case either)")
+    bench.add_argument("--no-threads", action="store_true",
+                       help="skip the parallel threads (one thread's message rate beside eight "
+                            "threads' on eight pairs; not run with --case either)")
     bench.add_argument("--list", action="store_true", help="list the cases and peers, and exit")
     bench.set_defaults(handler=_run_bench)
 

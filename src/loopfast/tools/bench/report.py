@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .aio import AioReport
     from .children import Measurement
     from .floors import FloorsSection
+    from .threads import ThreadsReport
 
 # ==== the report (JSON-ready) =====================================================================
 
@@ -107,6 +108,7 @@ class Report(TypedDict):
     floors: Optional[FloorsSection]  # the C floors, with --floors DIR
     aio: Optional[AioReport]  # the asyncio round trip (_bench_aio), unless --no-aio or --case
     pools: Optional[dict[str, Any]]  # multiprocessing's pools and queues (_bench_pools)
+    threads: Optional[ThreadsReport]  # 1 thread beside 8 (threads.py), unless --no-threads
     duration_s: float
 
 

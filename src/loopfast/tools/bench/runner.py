@@ -114,6 +114,8 @@ __all__ = [
 ]
 
 SCHEMA = "loopfast-bench/1"
+# Messages per thread per measurement of the parallel-threads rows (see threads.py).
+THREADS_COUNT, THREADS_QUICK_COUNT = 20_000, 5_000
 # Round trips per measurement of the asyncio rows (see aio.py).
 AIO_COUNT = 2000
 AIO_QUICK_COUNT = 500
@@ -524,12 +526,13 @@ def _duration(seconds: float) -> str:
 def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         rounds: Optional[int] = None, memory: bool = True, pin: str = "none",
         floors: Optional[str] = None, aio: bool = True, pools: bool = True,
-        progress: Callable[[str], None] = _stderr) -> Report:
+        threads: bool = True, progress: Callable[[str], None] = _stderr) -> Report:
     """Run the bench and return its report (a JSON-ready dict; `format_report` prints it).
     `floors`: a directory holding the C floor programs (pingpong.c, stream.c), compiled and run
     in every round (see _bench_floors). `aio`: also measure the asyncio round trip (_bench_aio),
-    `pools`: multiprocessing's pools and queues, stock and on loopfast (_bench_pools), in a run
-    of all the default cases (not with `case_names`)."""
+    `pools`: multiprocessing's pools and queues, stock and on loopfast (_bench_pools), `threads`:
+    one thread's message rate beside eight threads' (threads.py), in a run of all the default
+    cases (not with `case_names`)."""
     from . import floors as _bench_floors
     own_cpus, peer_cpus = pinning(pin)
     if case_names:
@@ -563,6 +566,7 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
         "floors": None,
         "aio": None,
         "pools": None,
+        "threads": None,
         "duration_s": 0.0,
     }
     skipped = report["skipped_peers"]
@@ -635,6 +639,10 @@ def run(case_names: Optional[Sequence[str]] = None, *, quick: bool = False,
     if pools and not case_names:
         from . import pools as _bench_pools
         report["pools"] = _bench_pools.run(rounds=rounds, quick=quick, progress=show.status)
+    if threads and not case_names:
+        from . import threads as _bench_threads
+        report["threads"] = _bench_threads.run(rounds=rounds, count=THREADS_QUICK_COUNT if quick
+                                               else THREADS_COUNT, progress=show.status)
     report["duration_s"] = time.perf_counter() - t0
     return report
 

@@ -229,6 +229,25 @@ def _judge_aio(report: Report) -> list[tuple[str, str, str]]:
     return verdicts
 
 
+THREADS_TARGET = ("8 threads on 8 pairs ≥ 1.6 × one thread's message rate, GIL off (issue 15)",
+                  ">=", 1.6)
+
+
+def _judge_threads(report: Report) -> list[tuple[str, str, str]]:
+    text, op, bound = THREADS_TARGET
+    threads = report.get("threads")
+    if not threads:
+        return [(SKIP, text, "the parallel threads were not run")]
+    from .threads import RATIO, ROWS
+    bottom, top = ROWS
+    value = threads["ratios"][RATIO]
+    measured = (f"{value:.2f}× ({threads['medians'][top] / 1e3:.1f}k vs "
+                f"{threads['medians'][bottom] / 1e3:.1f}k msg/s)")
+    if threads["gil_enabled"]:
+        return [(SKIP, text, f"{measured}, but the GIL was on: judged only without it")]
+    return [(PASS if _compare(value, op, bound) else MISS, text, measured)]
+
+
 def _judge_pools(report: Report) -> list[tuple[str, str, str]]:
     verdicts = []
     pools = report.get("pools")
@@ -256,4 +275,5 @@ def _judge_pools(report: Report) -> list[tuple[str, str, str]]:
 def judge(report: Report) -> list[tuple[str, str, str]]:
     """[(verdict, target text, measured text)] for every target."""
     return (_judge_ratios(report) + _judge_absolute(report) + _judge_floors(report)
-            + _judge_memory(report) + _judge_aio(report) + _judge_pools(report))
+            + _judge_memory(report) + _judge_aio(report) + _judge_pools(report)
+            + _judge_threads(report))

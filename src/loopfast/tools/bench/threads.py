@@ -24,7 +24,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, TypedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypedDict
 
 from loopfast.connection import Pipe
 
@@ -59,19 +59,19 @@ def free_threaded_build() -> bool:
     return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 
-def _move(a: object, b: object, count: int) -> None:
-    send, recv = a.send_bytes, b.recv_bytes  # type: ignore[attr-defined]
+def _move(a: Any, b: Any, count: int) -> None:
+    send, recv = a.send_bytes, b.recv_bytes
     for _ in range(count):
         send(PAYLOAD)
         recv()
 
 
-def _rate(pairs: list, count: int) -> float:
+def _rate(pairs: List[Tuple[Any, Any]], count: int) -> float:
     """Messages per second of len(pairs) threads, one per pair, started together."""
     barrier = threading.Barrier(len(pairs) + 1)
     errors: List[BaseException] = []
 
-    def work(a: object, b: object) -> None:
+    def work(a: Any, b: Any) -> None:
         try:
             barrier.wait(JOIN_LIMIT)
             _move(a, b, count)
