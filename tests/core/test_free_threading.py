@@ -79,7 +79,7 @@ def test_close_from_another_thread_while_sending_and_receiving(make_pair):
                 worker.join(RECV_TIMEOUT)
             stop.set()
             feeder.join(RECV_TIMEOUT)
-            assert not any(w.is_alive() for w in workers + [feeder])
+            assert not any(w.is_alive() for w in [*workers, feeder])
             assert len(errors) == len(workers)
             for exc in errors:
                 assert isinstance(exc, OSError), repr(exc)

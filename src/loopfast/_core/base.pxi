@@ -2,6 +2,69 @@
 # (busy-poll, then poll()), the handshake still to finish, and the ledger of delivered bytes
 # still to discard. Included by channel.pyx; the fields are declared in channel.pxd.
 
+# ---- using the socket: the one protocol that makes close() safe from any thread ----------------
+#
+# Every syscall on a channel's _fd runs between _enter_fd() and _leave_fd(), which count it in
+# _blocked. close() takes _fd away and, while any such call is under way, shuts the socket down
+# (which wakes a thread asleep in poll()) instead of closing it: the last call to leave closes
+# it. So a descriptor is never closed under a syscall, and its number never reused under one.
+# The two touch _fd, _blocked and _deferred_close_fd inside a critical section on the channel:
+# free-threaded, another thread's close() runs truly at the same time; with the GIL (which the
+# section then compiles away to nothing) the GIL alone orders them.
+#
+# A syscall made with the GIL held (a small send, a peek) uses _enter_fd_held() and
+# _leave_fd_held() instead: with the GIL, no close() can run until it returns, so they only
+# read _fd; free-threaded, they are the pair above.
+
+cdef inline int _enter_fd(_ChannelBase ch, lf_socket_t *fd) except -1:
+    """Before a syscall on the socket: its descriptor into *fd, counted in _blocked; OSError if
+    the channel is closed."""
+    cdef bint closed
+    with cython.critical_section(ch):
+        fd[0] = ch._fd
+        closed = fd[0] == LF_INVALID_SOCKET
+        if not closed:
+            ch._blocked += 1
+    if closed:
+        raise OSError("handle is closed")
+    return 0
+
+
+cdef inline int _leave_fd(_ChannelBase ch) except -1:
+    """After the syscall: raises OSError if the channel was closed meanwhile, closing the socket
+    if this was the last call on it."""
+    cdef lf_socket_t deferred = LF_INVALID_SOCKET
+    cdef bint closed
+    with cython.critical_section(ch):
+        ch._blocked -= 1
+        closed = ch._fd == LF_INVALID_SOCKET
+        if closed and ch._blocked == 0:
+            deferred = ch._deferred_close_fd
+            ch._deferred_close_fd = LF_INVALID_SOCKET
+    if deferred != LF_INVALID_SOCKET:
+        lf_close(deferred)
+    if closed:
+        raise OSError(_messages.CLOSED_WHILE_WAITING)
+    return 0
+
+
+cdef inline int _enter_fd_held(_ChannelBase ch, lf_socket_t *fd) except -1:
+    """_enter_fd() for a syscall made without releasing the GIL."""
+    if LF_FREE_THREADED:
+        return _enter_fd(ch, fd)
+    fd[0] = ch._fd
+    if fd[0] == LF_INVALID_SOCKET:
+        raise OSError("handle is closed")
+    return 0
+
+
+cdef inline int _leave_fd_held(_ChannelBase ch) except -1:
+    """_leave_fd() after a syscall made without releasing the GIL."""
+    if LF_FREE_THREADED:
+        return _leave_fd(ch)
+    return 0
+
+
 cdef class _ChannelBase:
     """A channel's state and the waiting, locking and handshake both of its paths use
     (Channel is the class to use)."""
@@ -36,46 +99,6 @@ cdef class _ChannelBase:
             PyThread_free_lock(self._send_lock)
         if self._recv_lock != NULL:
             PyThread_free_lock(self._recv_lock)
-
-    # ---- using the socket: the one protocol that makes close() safe from any thread ------------
-    #
-    # Every syscall on _fd runs between _enter_fd() and _leave_fd(), which count it in _blocked.
-    # close() takes _fd away and, while any such call is under way, shuts the socket down (which
-    # wakes a thread asleep in poll()) instead of closing it: the last call to leave closes it.
-    # So a descriptor is never closed under a syscall, and its number never reused under one.
-    # The three touch _fd, _blocked and _deferred_close_fd inside a critical section on the
-    # channel: free-threaded, another thread's close() runs truly at the same time; with the GIL
-    # (which the section then compiles away to nothing) the GIL alone orders them.
-
-    cdef int _enter_fd(self, lf_socket_t *fd) except -1:
-        """Before a syscall on the socket: its descriptor into *fd, counted in _blocked; OSError
-        if the channel is closed."""
-        cdef bint closed
-        with cython.critical_section(self):
-            fd[0] = self._fd
-            closed = fd[0] == LF_INVALID_SOCKET
-            if not closed:
-                self._blocked += 1
-        if closed:
-            raise OSError("handle is closed")
-        return 0
-
-    cdef int _leave_fd(self) except -1:
-        """After the syscall: raises OSError if the channel was closed meanwhile, closing the
-        socket if this was the last call on it."""
-        cdef lf_socket_t deferred = LF_INVALID_SOCKET
-        cdef bint closed
-        with cython.critical_section(self):
-            self._blocked -= 1
-            closed = self._fd == LF_INVALID_SOCKET
-            if closed and self._blocked == 0:
-                deferred = self._deferred_close_fd
-                self._deferred_close_fd = LF_INVALID_SOCKET
-        if deferred != LF_INVALID_SOCKET:
-            lf_close(deferred)
-        if closed:
-            raise OSError(_messages.CLOSED_WHILE_WAITING)
-        return 0
 
     cdef int _drop_receive_state(self) except -1:
         """A closed channel lets go of a half-received message and its window (the receive
@@ -136,14 +159,14 @@ cdef class _ChannelBase:
                     self._rstart = self._rend = 0
                     peek_buf = self._rbuf
                     peek_size = min(peek_size, self._rcap)
-                self._enter_fd(&fd)
+                _enter_fd(self, &fd)
                 with nogil:
                     started = lf_monotonic_ns()
                     rc = _spin_until_ready(fd, events, spin_ns, deadline, peek_buf,
                                            <size_t>peek_size, &peeked)
                     # Both directions spin: an atomic add, as no lock covers both.
                     lf_counter_add(&self._spun_ns, <uint64_t>(lf_monotonic_ns() - started))
-                self._leave_fd()
+                _leave_fd(self)
                 if peeked >= 0:
                     self._rstart = 0
                     self._rend = peeked
@@ -172,11 +195,11 @@ cdef class _ChannelBase:
                     timeout_ms = 0
                 else:  # round up: never return before the deadline
                     timeout_ms = <int>min((remaining + 999999) // 1000000, 0x7fffffff)
-            self._enter_fd(&fd)
+            _enter_fd(self, &fd)
             with nogil:
                 rc = lf_poll(fd, events, timeout_ms, &revents)
                 err = lf_last_error()
-            self._leave_fd()
+            _leave_fd(self)
             if rc > 0:
                 return 0
             if rc == 0:
@@ -260,10 +283,10 @@ cdef class _ChannelBase:
         cdef int err
         cdef lf_socket_t fd
         while n > 0:
-            self._enter_fd(&fd)
+            _enter_fd_held(self, &fd)
             got = lf_discard(fd, at, <size_t>n)
             err = lf_last_error()
-            self._leave_fd()
+            _leave_fd_held(self)
             if got > 0:
                 n -= got
                 at += got

@@ -11,6 +11,7 @@ cdef extern from "platform.h" nogil:
     short LF_POLLIN
     short LF_POLLOUT
     int LF_IOV_MAX
+    bint LF_FREE_THREADED           # a free-threaded (no-GIL) interpreter: a C constant
 
     ctypedef struct lf_iovec:
         void *base
@@ -133,8 +134,6 @@ cdef class _ChannelBase:
     cdef object _reading_stopped    # why receiving stopped (recv_bytes' maxlength), or None
     cdef object __weakref__
 
-    cdef int _enter_fd(self, lf_socket_t *fd) except -1
-    cdef int _leave_fd(self) except -1
     cdef int _drop_receive_state(self) except -1
     cdef int _check_readable(self) except -1
     cdef int _check_writable(self) except -1

@@ -12,6 +12,16 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Whether Python threads run truly in parallel here (a free-threaded, "3.13t", interpreter).
+ * Only then can another thread's close() run during a syscall the calling thread makes with
+ * its GIL held, so the bookkeeping for that (_enter_fd_held() in base.pxi) compiles away
+ * otherwise. */
+#ifdef Py_GIL_DISABLED
+#define LF_FREE_THREADED 1
+#else
+#define LF_FREE_THREADED 0
+#endif
+
 #ifdef _WIN32
 /* ------------------------------------------------------------------ Windows (Winsock 2) */
 #ifndef WIN32_LEAN_AND_MEAN

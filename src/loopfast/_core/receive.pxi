@@ -71,10 +71,10 @@ cdef class _ReceivePath(_SendPath):
         if size > self._rcap:
             size = self._rcap
         while True:
-            self._enter_fd(&fd)
+            _enter_fd_held(self, &fd)
             n = lf_peek(fd, self._rbuf, <size_t>size)
             err = lf_last_error()
-            self._leave_fd()
+            _leave_fd_held(self)
             if n >= 0:
                 self._rstart = 0
                 self._rend = n
@@ -166,14 +166,14 @@ cdef class _ReceivePath(_SendPath):
                 # The last read came back short: the socket is drained, wait before reading.
                 if self._wait(LF_POLLIN, deadline):
                     raise TimeoutError(_messages.TIMED_OUT_MID_MESSAGE)
-            self._enter_fd(&fd)
+            _enter_fd(self, &fd)
             with nogil:
                 if count == 1:
                     n = lf_recv(fd, <char *>iov[0].base, iov[0].len)
                 else:
                     n = lf_recvv(fd, iov, count)
                 err = lf_last_error()
-            self._leave_fd()
+            _leave_fd(self)
             if n > 0:
                 self._count_consumed(n)
                 self._last_recv_was_empty = n < total
@@ -700,10 +700,10 @@ cdef class _ReceivePath(_SendPath):
         out = PyBytes_FromStringAndSize(NULL, max_size)
         cdef lf_socket_t fd
         while True:
-            self._enter_fd(&fd)
+            _enter_fd_held(self, &fd)
             n = lf_recv(fd, PyBytes_AS_STRING(out), <size_t>max_size)
             err = lf_last_error()
-            self._leave_fd()
+            _leave_fd_held(self)
             if n > 0:
                 self._count_consumed(n)
                 return out if n == max_size else out[:n]

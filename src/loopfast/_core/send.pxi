@@ -29,16 +29,16 @@ cdef class _SendPath(_ChannelBase):
             if full:
                 n = -1  # wait for room first rather than make a write that would fail
             elif total - sent > RELEASE_GIL_SIZE:
-                self._enter_fd(&fd)
+                _enter_fd(self, &fd)
                 with nogil:
                     n = _write(fd, iov, count)
                     err = lf_last_error()
-                self._leave_fd()
+                _leave_fd(self)
             else:
-                self._enter_fd(&fd)
+                _enter_fd_held(self, &fd)
                 n = _write(fd, iov, count)
                 err = lf_last_error()
-                self._leave_fd()
+                _leave_fd_held(self)
             if n >= 0:
                 sent += n
                 if progress != NULL:

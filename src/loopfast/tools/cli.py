@@ -23,12 +23,12 @@ from typing import Callable, Iterable, Optional, Sequence
 from . import doctor as _doctor
 from . import soak as _soak
 from .bench import aio as _bench_aio
-from .bench import threads as _bench_threads
 from .bench import floors as _bench_floors
 from .bench import plot as _bench_plot
 from .bench import pools as _bench_pools
 from .bench import runner as _bench
 from .bench import targets as _targets
+from .bench import threads as _bench_threads
 from .bench.children import MiB
 from .bench.report import MemorySection, PeerResult, Report, format_size, format_value
 
