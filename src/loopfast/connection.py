@@ -54,6 +54,7 @@ __all__ = [
 Connection = Channel
 
 EXPIRY_BATCH = 0.01  # handshakes that expire this close together are closed (and reported) as one
+_WAKE_UP = object()  # a Listener's selector key for the socket that close() writes to
 Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
 
@@ -63,6 +64,15 @@ class Serializer(Protocol):
     def dumps(self, obj: Any, /) -> Any: ...
 
     def loads(self, data: bytes, /) -> Any: ...
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read a nonblocking socket's queued bytes (a listener's wake-ups)."""
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 class Listener:
@@ -121,7 +131,15 @@ class Listener:
         # not how many connections are pending.
         self._selector: Optional[selectors.BaseSelector] = None
         self._paused_until: Optional[float] = None  # out of descriptors: accepting waits
-        self._accepting = threading.Lock()  # one accept() at a time
+        # One accept() at a time, and close() waits for it to leave. Reentrant: a signal handler
+        # may close the listener its own thread is accepting on (accept() then raises).
+        self._accepting = threading.RLock()
+        # close() from another thread: it sets _closed, then writes a byte to the second socket
+        # of this pair (made with the selector, the first registered in it) to wake the accept()
+        # asleep in select(); accept() makes the pair, then checks _closed, so one of them sees
+        # the other.
+        self._closed = False
+        self._wake_up: Optional[Tuple[socket.socket, socket.socket]] = None
 
     def accept(self) -> Channel:
         """Wait for a client, run the handshake (and authentication) and return its Channel.
@@ -145,7 +163,7 @@ class Listener:
                     # As multiprocessing: last_accepted is set for a failed client too.
                     error, self._last_accepted = self._failed.popleft()
                     raise error
-                if self._socket is None:
+                if self._closed or self._socket is None:
                     raise OSError("listener is closed")
                 try:
                     self._wait_and_handle()
@@ -161,6 +179,12 @@ class Listener:
         if self._selector is None:
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._socket, selectors.EVENT_READ, None)
+            self._wake_up = socket.socketpair()
+            for sock in self._wake_up:
+                sock.setblocking(False)
+            self._selector.register(self._wake_up[0], selectors.EVENT_READ, _WAKE_UP)
+            if self._closed:  # close() came before the pair: it wrote to nothing
+                return
         now = time.monotonic()
         self._expire(now + EXPIRY_BATCH)
         if self._paused_until is not None and now >= self._paused_until:
@@ -175,7 +199,9 @@ class Listener:
             pause = max(0.0, self._paused_until - now)
             timeout = pause if timeout is None else min(timeout, pause)
         for key, _ in self._selector.select(timeout):
-            if key.data is None:
+            if key.data is _WAKE_UP:
+                _drain(key.fileobj)  # type: ignore[arg-type]
+            elif key.data is None:
                 self._accept_waiting()
             elif key.data in self._handshakes:
                 self._advance(key.data)
@@ -266,13 +292,28 @@ class Listener:
 
     def close(self) -> None:
         """Stop listening. Channels already accepted stay open; connections whose handshake had
-        not finished are closed."""
+        not finished are closed. From another thread, it wakes an accept() under way, which
+        raises OSError, and returns once that accept() has left."""
+        self._closed = True
+        wake_up = self._wake_up
+        if wake_up is not None:
+            try:
+                wake_up[1].send(b"\0")
+            except OSError:  # full (woken already), or closed by an earlier close()
+                pass
+        with self._accepting:
+            self._close_now()
+
+    def _close_now(self) -> None:
         sock, self._socket = self._socket, None
         selector, self._selector = self._selector, None
+        wake_up, self._wake_up = self._wake_up, None
         if selector is not None:
             selector.close()
         if sock is not None:
             sock.close()
+        for end in wake_up or ():
+            end.close()
         handshakes, self._handshakes = self._handshakes, {}
         for side in handshakes:
             side.channel.close()

@@ -3,6 +3,7 @@
 import os
 import socket
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -354,6 +355,47 @@ def test_a_failed_handshake_raises_and_the_handshakes_under_way_carry_on():
             client.send_bytes(b"ok")
             assert server.recv_bytes(timeout=30) == b"ok"
         assert stalled.recv(HELLO.size)[:8] == b"LOOPFAST"  # still connected, still waited on
+
+
+def test_close_from_another_thread_wakes_a_blocked_accept():
+    # accept() sleeps in a selector with no timeout: close() must wake it (OSError), and the
+    # port must be free when close() returns (nothing left listening), as a Channel's close()
+    # wakes its receiver.
+    listener = loopfast.Listener()
+    address = listener.address
+    with ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(listener.accept)
+        _wait_until_accepting(listener)
+        listener.close()
+        with pytest.raises(OSError, match="listener is closed"):
+            blocked.result(timeout=30)
+    with pytest.raises(ConnectionRefusedError):
+        loopfast.Client(address, timeout=5)
+    listener.close()  # again: harmless
+
+
+def test_close_from_another_thread_while_handshakes_are_pending():
+    # The accepting thread is waiting on a stalled handshake when another thread closes the
+    # listener: accept() raises OSError, the stalled client is disconnected after its hello.
+    listener = loopfast.Listener(handshake_timeout=20)
+    with socket.create_connection(listener.address, timeout=30) as stalled, \
+            ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(listener.accept)
+        assert stalled.recv(HELLO.size)[:8] == b"LOOPFAST"  # its handshake has begun
+        listener.close()
+        with pytest.raises(OSError, match="listener is closed"):
+            blocked.result(timeout=30)
+        assert stalled.recv(4096) == b""
+
+
+def _wait_until_accepting(listener, limit=30.0):
+    """Return once an accept() has made the listener's selector (it is in, or about to enter,
+    its wait)."""
+    deadline = time.monotonic() + limit
+    while listener._selector is None:
+        assert time.monotonic() < deadline, "accept() did not start"
+        time.sleep(0.01)
+    time.sleep(0.05)  # from taking the lock to sleeping in the selector
 
 
 def test_close_disconnects_the_clients_whose_handshake_had_not_finished():

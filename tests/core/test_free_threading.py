@@ -11,7 +11,10 @@ _core/channel.pyx):
 * fork() while other threads make and drop channels: the fork handlers see every channel and
   raise nothing (a WeakSet's iteration did: "Set changed size during iteration");
 * fork() while another thread receives: the ledger moves to shared memory without losing an
-  update, so the stream stays whole (no message lost, none delivered twice).
+  update, so the stream stays whole (no message lost, none delivered twice);
+* Listener.close() from another thread while accept() runs, clients connecting all along: the
+  accept() wakes and raises OSError, every channel it returned works, and nothing listens after
+  close() has returned (before the audit, a blocked accept() slept on forever).
 
 With the GIL they pass too (the GIL orders what the locks order without it); without it, they
 failed before the audit's changes (see the closing note of issue 15 for the counts).
@@ -26,6 +29,8 @@ import warnings
 
 import pytest
 from conftest import RECV_TIMEOUT
+
+import loopfast
 
 ROUNDS = 40
 NUMBERED = struct.Struct("<Q")
@@ -172,3 +177,51 @@ def test_fork_while_another_thread_receives_keeps_the_stream_whole(make_pair, un
             thread.join(RECV_TIMEOUT)
         assert got == list(range(count))
     assert [hook.exc_value for hook in unraisable] == []
+
+
+def test_listener_close_from_another_thread_while_accepting():
+    for round_ in range(ROUNDS):
+        listener = loopfast.Listener(backlog=16)
+        address = listener.address
+        accepted, errors, stop = [], [], threading.Event()
+
+        def accept(listener=listener, accepted=accepted, errors=errors):
+            try:
+                for _ in range(1_000_000):  # stops at the close
+                    accepted.append(listener.accept())
+            except BaseException as exc:
+                errors.append(exc)
+
+        def connect(address=address, stop=stop):
+            while not stop.is_set():
+                try:
+                    # (short: a connection the closed backlog dropped is refused only when the
+                    # kernel resends its SYN, a second later)
+                    loopfast.Client(address, timeout=0.2).close()
+                except (OSError, EOFError):  # refused, timed out, or cut off by the close
+                    pass
+
+        acceptor = threading.Thread(target=accept)
+        clients = [threading.Thread(target=connect) for _ in range(2)]
+        for thread in (acceptor, *clients):
+            thread.start()
+        threading.Event().wait(0.002 * (round_ % 10))
+        listener.close()
+        try:
+            acceptor.join(RECV_TIMEOUT)
+            assert not acceptor.is_alive(), "accept() was not woken by close()"
+            assert len(errors) == 1 and isinstance(errors[0], OSError), errors
+            with pytest.raises(ConnectionRefusedError):
+                loopfast.Client(address, timeout=RECV_TIMEOUT)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(RECV_TIMEOUT)
+            for channel in accepted:
+                with channel:  # a whole channel, whose client has closed its end
+                    assert channel.poll(RECV_TIMEOUT)
+                    # (a reset: the client closed without reading the listener's hello; the
+                    # compiled core, whose poll() peeked and met the reset, then reads the end)
+                    with pytest.raises((EOFError, ConnectionResetError)):
+                        channel.recv_bytes(timeout=RECV_TIMEOUT)
+        assert not any(thread.is_alive() for thread in clients)
