@@ -187,7 +187,10 @@ class Worker:
             "rss_start": None, "rss_end": None, "rss_peak": None,
             "fds_start": None, "fds_end": None, "fds_after_close": None}
         pool_size = max(2 * self.max_size, MIB)
-        self.pool = memoryview(self.rng.randbytes(pool_size))
+        # The payloads' bytes. Each sender slices a memoryview of its own: slicing one shared
+        # memoryview from several threads at once corrupts its export count on free-threaded
+        # CPython, which then calls it released (CPython gh-155606).
+        self.pool = self.rng.randbytes(pool_size)
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -404,8 +407,9 @@ class Sender:
         self.paused = False
         self.scratch = bytearray(worker.max_size + 64)
         self.scratch_view = memoryview(self.scratch)
-        touched = min(len(self.scratch), len(worker.pool))  # allocated for real before warm-up
-        self.scratch_view[:touched] = worker.pool[:touched]
+        self.pool = memoryview(worker.pool)  # this thread's own view (Worker.__init__)
+        touched = min(len(self.scratch), len(self.pool))  # allocated for real before warm-up
+        self.scratch_view[:touched] = self.pool[:touched]
         self.numpy = worker.numpy
 
     def run(self) -> None:
@@ -454,8 +458,8 @@ class Sender:
             current = following
 
     def payload(self, size: int) -> memoryview:
-        start = self.rng.randrange(len(self.worker.pool) - size + 1)
-        return self.worker.pool[start:start + size]
+        start = self.rng.randrange(len(self.pool) - size + 1)
+        return self.pool[start:start + size]
 
     def compose(self, size: int, flags: int, next_kind: int) -> Tuple[int, int]:
         """Write the next message (header and payload) into the scratch buffer at a small random

@@ -31,6 +31,7 @@ import socket
 import statistics
 import struct
 import sys
+import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, List, Optional, TypedDict
 
@@ -316,7 +317,9 @@ def format_report(report: AioReport) -> str:
         lines.append(f"  {LABELS[row]:<48} {median * 1e6:8.1f} µs   "
                      f"(min {min(spread) * 1e6:.1f}, max {max(spread) * 1e6:.1f})")
     for row, why in report["skipped"].items():
-        lines.append(f"  {LABELS[row]:<48} skipped: {why}")
+        # (wrapped: a reason such as uvloop's would run past 100 columns)
+        lines.extend(textwrap.wrap(f"{LABELS[row]:<48} skipped: {why}", 98,
+                                   initial_indent="  ", subsequent_indent=" " * 51))
     lines.append("  ratios (targets: aio / sync_spin0 ≤ 1.5, aio / streams < 1):")
     for name, value in report["ratios"].items():
         lines.append(f"    {name:<30} {value:6.2f}")

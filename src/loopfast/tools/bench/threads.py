@@ -120,8 +120,8 @@ def format_report(report: ThreadsReport) -> str:
     gil = "on" if report["gil_enabled"] else "off"
     build = "free-threaded build" if report["free_threaded_build"] else "default build"
     lines = ["parallel threads: 64 B send_bytes + recv_bytes, each thread on its own Pipe()",
-             f"(median of {report['rounds']} rounds × {report['count']} messages per thread; "
-             f"{build}, GIL {gil})"]
+             f"(median of {report['rounds']} rounds × {report['count']:,} messages per thread)",
+             f"({build}, GIL {gil})"]
     for row, median in report["medians"].items():
         spread = report["rows"][row]
         lines.append(f"  {row:<12} {median / 1e3:9.1f} k msg/s   "
