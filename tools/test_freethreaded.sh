@@ -14,7 +14,9 @@
 # 3. loopfast installed from this tree, the compiled core required;
 # 4. PYTHON_GIL=0 pytest on tests/core/test_threads.py and tests/core/test_free_threading.py,
 #    after checking that the GIL really is off with loopfast imported (an extension not declared
-#    freethreading_compatible would turn it back on, with a warning).
+#    freethreading_compatible would turn it back on, with a warning); then on the rest of the
+#    suite with -m "not slow", but for the files that need hypothesis (~6 minutes on 2 cores;
+#    LOOPFAST_FT_SUITE=threads stops after the thread tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,5 +52,17 @@ assert loopfast.implementation == "compiled", loopfast.implementation
 print(f"test_freethreaded: {sys.version.split()[0]} free-threaded, GIL off, "
       f"{loopfast.__file__}", file=sys.stderr)
 EOF
-"$VPY" -m pytest -p no:cacheprovider "$@" tests/core/test_threads.py \
-    tests/core/test_free_threading.py
+THREAD_TESTS=(tests/core/test_threads.py tests/core/test_free_threading.py)
+log "the thread tests, PYTHON_GIL=0"
+"$VPY" -m pytest -p no:cacheprovider "$@" "${THREAD_TESTS[@]}"
+if [ "${LOOPFAST_FT_SUITE:-all}" = threads ]; then
+    exit 0
+fi
+# The rest of the suite as README's test command runs it (-m "not slow"), both implementations,
+# but for the property tests: hypothesis does not install here.
+ignored=()
+for file in "${THREAD_TESTS[@]}" $(grep -rlE '^(import|from) hypothesis' tests); do
+    ignored+=("--ignore=$file")
+done
+log "the rest of the suite (-m 'not slow'; not run: the hypothesis-based files), PYTHON_GIL=0"
+"$VPY" -m pytest -p no:cacheprovider -m "not slow" "$@" "${ignored[@]}" tests
