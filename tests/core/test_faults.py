@@ -21,6 +21,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
@@ -172,6 +173,27 @@ def test_a_peer_closing_with_our_data_unread_is_a_reset_after_its_messages(make_
     with pytest.raises(ConnectionResetError):
         a.recv_bytes(timeout=RECV_TIMEOUT)
     assert not a.closed  # between messages: nothing was cut
+    with pytest.raises(EOFError):
+        a.recv_bytes(timeout=RECV_TIMEOUT)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's reset semantics")
+@SPINS
+@pytest.mark.parametrize("wait", ["recv_bytes", "poll"])
+def test_a_reset_met_while_awaiting_a_reply_is_raised_not_an_end(make_pair, spin, wait):
+    """A channel that sent since its last receive awaits a reply: it busy-polls first, peeking
+    (spin=default). The kernel reports a reset once, so the peek that meets it must raise it (as
+    the read does without spinning): swallowed, the receive after it saw a clean end instead."""
+    a, b = _spun(make_pair, spin)
+    a.send_bytes(b"never read" * 100, timeout=RECV_TIMEOUT)
+    assert b.poll(RECV_TIMEOUT)
+    b.close()  # with a's message unread: a reset
+    readable, _, _ = select.select([a.fileno()], [], [], RECV_TIMEOUT)  # it has arrived
+    assert readable
+    with pytest.raises(ConnectionResetError):
+        if wait == "poll":
+            a.poll(RECV_TIMEOUT)
+        a.recv_bytes(timeout=RECV_TIMEOUT)
     with pytest.raises(EOFError):
         a.recv_bytes(timeout=RECV_TIMEOUT)
 

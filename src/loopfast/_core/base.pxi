@@ -139,6 +139,7 @@ cdef class _ChannelBase:
         cdef short revents = 0
         cdef char *peek_buf = NULL
         cdef Py_ssize_t peeked = -1
+        cdef int peek_error = 0
         cdef lf_socket_t fd = self._fd
         cdef int64_t spin_ns = self._spin_ns if self._spin_ns >= 0 else _default_spin_ns
         if fd == LF_INVALID_SOCKET:
@@ -163,10 +164,12 @@ cdef class _ChannelBase:
                 with nogil:
                     started = lf_monotonic_ns()
                     rc = _spin_until_ready(fd, events, spin_ns, deadline, peek_buf,
-                                           <size_t>peek_size, &peeked)
+                                           <size_t>peek_size, &peeked, &peek_error)
                     # Both directions spin: an atomic add, as no lock covers both.
                     lf_counter_add(&self._spun_ns, <uint64_t>(lf_monotonic_ns() - started))
                 _leave_fd(self)
+                if peek_error != 0:
+                    _raise_os_error(peek_error)  # ConnectionResetError, as the read would have
                 if peeked >= 0:
                     self._rstart = 0
                     self._rend = peeked

@@ -113,14 +113,16 @@ def _set_shared_cpu_detection(bint on):
 
 cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns, int64_t deadline,
                            char *peek_buf, size_t peek_size,
-                           Py_ssize_t *peeked) noexcept nogil:
+                           Py_ssize_t *peeked, int *peek_error) noexcept nogil:
     """poll() with a zero timeout until the socket is ready (returns > 0), the spin budget or the
     deadline is spent (returns 0), this CPU turns out to be shared (returns SPIN_CONTENDED, or
     SPIN_READY_SHARED when the socket became ready after another thread ran here), or
     poll() fails (returns < 0; the caller's blocking wait reports the error).
     With `peek_buf`, each check is a peek instead of a poll(): when data arrives, it is already
     in `peek_buf` (*peeked bytes; 0 at the end of the stream), which saves the receive the
-    syscall of its own first look (measured, 64 B round trip: ~1 us)."""
+    syscall of its own first look (measured, 64 B round trip: ~1 us). A failed peek returns < 0
+    with its error in *peek_error, for the caller to raise: the kernel reports a socket error
+    (a reset) once, so a later wait or read would see only the end of the stream."""
     cdef short revents = 0
     cdef int rc
     cdef Py_ssize_t n
@@ -139,6 +141,7 @@ cdef int _spin_until_ready(lf_socket_t fd, short events, int64_t spin_ns, int64_
             elif lf_error_would_block(lf_last_error()) or lf_error_interrupted(lf_last_error()):
                 rc = 0
             else:
+                peek_error[0] = lf_last_error()
                 rc = -1
         else:
             rc = lf_poll(fd, events, 0, &revents)
