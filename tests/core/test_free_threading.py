@@ -220,8 +220,8 @@ def test_listener_close_from_another_thread_while_accepting():
             for channel in accepted:
                 with channel:  # a whole channel, whose client has closed its end
                     assert channel.poll(RECV_TIMEOUT)
-                    # (a reset: the client closed without reading the listener's hello; the
-                    # compiled core, whose poll() peeked and met the reset, then reads the end)
+                    # (a reset where the client closed with the listener's hello unread, else
+                    # the end)
                     with pytest.raises((EOFError, ConnectionResetError)):
                         channel.recv_bytes(timeout=RECV_TIMEOUT)
         assert not any(thread.is_alive() for thread in clients)
