@@ -18,16 +18,19 @@ which the channel does not know about; multiprocessing.connection.wait behaves t
 """
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import pickle
 import select
 import signal
+import socket
 import struct
 import sys
 import threading
 import time
 import tracemalloc
+import weakref
 
 import pytest
 from conftest import (
@@ -206,6 +209,81 @@ def test_a_send_blocked_on_a_peer_that_closes_without_reading_raises(make_pair):
     with pytest.raises((BrokenPipeError, ConnectionResetError)):
         sender.result()
 
+
+
+class _Payload(bytearray):
+    """A buffer a weak reference can watch."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _reset(channel):
+    """Close `channel` with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    with socket.socket(fileno=os.dup(channel.fileno())) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    channel.close()
+
+
+def _fail_sending(a, b, payload, how):
+    a.send_bytes(b"never read" * 100, timeout=RECV_TIMEOUT)
+    assert b.poll(RECV_TIMEOUT)
+    b.close()  # with a's message unread: a reset
+    for _ in range(1000):
+        if how == "send":
+            a.send(pickle.PickleBuffer(memoryview(payload)), timeout=RECV_TIMEOUT)
+        else:
+            a.send_bytes(memoryview(payload), timeout=RECV_TIMEOUT)
+
+
+def _fail_receiving(a, b, payload, how):
+    if how == "recv_bytes_into":  # cut in the middle of a message: the rest will never come
+        b._send_raw(FRAME_HEADER.pack(KIND_BYTES, 0, 0, 0, len(payload)) + bytes(1000),
+                    timeout=RECV_TIMEOUT)
+    else:
+        a.send_bytes(b"never read" * 100, timeout=RECV_TIMEOUT)
+        assert b.poll(RECV_TIMEOUT)  # closed with a's message unread: a reset
+    _reset(b)
+    readable, _, _ = select.select([a.fileno()], [], [], RECV_TIMEOUT)
+    assert readable
+    if how == "recv_bytes_into":
+        a.recv_bytes_into(payload, timeout=RECV_TIMEOUT)
+    else:
+        a.recv_bytes(timeout=RECV_TIMEOUT)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's reset semantics")
+@pytest.mark.parametrize("fail, how", [(_fail_sending, "send"), (_fail_sending, "send_bytes"),
+                                       (_fail_receiving, "recv_bytes_into"),
+                                       (_fail_receiving, "recv_bytes")],
+                         ids=["send(PickleBuffer)", "send_bytes", "recv_bytes_into",
+                              "recv_bytes"])
+def test_a_failed_send_or_receive_leaves_no_cycle_holding_the_callers_buffer(make_pair, fail,
+                                                                             how):
+    """The error a socket call raises must not be kept in a local of a frame on its own
+    traceback: that cycle holds the caller's buffer (often MiBs) until a collection, and on
+    CPython before 3.12.7 the collector could crash clearing it when the buffer was a
+    memoryview a PickleBuffer exported (gh-77894; the twin's soak with --inject kill died of
+    SIGSEGV so). With the collector off, the buffer is freed when the caller lets go of it."""
+    a, b = make_pair()
+    payload = _Payload(MiB)
+    watch = weakref.ref(payload)
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            fail(a, b, payload, how)
+        except (OSError, EOFError) as exc:
+            raised = exc.__class__.__name__
+        else:
+            raised = None
+        del payload
+        freed = watch() is None
+        cyclic = gc.collect()
+    finally:
+        gc.enable()
+    assert raised is not None, "the operation did not fail"
+    assert freed, f"after {raised}, a cycle still holds the buffer"
+    assert cyclic == 0, f"after {raised}, {cyclic} objects in reference cycles"
 
 # ==== 3. tiny writes and oversized headers ========================================================
 

@@ -73,21 +73,19 @@ class ReceivePath:
         if sock is None:
             raise OSError("handle is closed")
         size = min(size, RECV_BUFFER_SIZE)
-        error = None
         try:
             n = sock.recv_into(self._rview, size, socket.MSG_PEEK)
         except BlockingIOError:
             n = -1
-        except OSError as exc:
-            error = exc
-        if error is not None or n < 0:
+        except OSError:
             self._rstart = self._rend = 0
-            if error is None:
-                self._queue_empty = True
-                return -1
             if self._sock is None:
-                raise OSError(_CLOSED_WHILE_WAITING)
-            raise error
+                raise OSError(_CLOSED_WHILE_WAITING) from None
+            raise
+        if n < 0:
+            self._rstart = self._rend = 0
+            self._queue_empty = True
+            return -1
         self._rstart = 0
         self._rend = n
         self._peek_saw_all = n < size
@@ -122,7 +120,6 @@ class ReceivePath:
             sock = self._sock
             if sock is None:
                 raise OSError("handle is closed")
-            error = None
             got = -1
             try:
                 with self._rview[at:at + n] as part:
@@ -130,13 +127,10 @@ class ReceivePath:
             except BlockingIOError:
                 pass
             except OSError as exc:
-                error = exc
-            if error is not None:
                 if self._sock is None:
-                    raise OSError(_CLOSED_WHILE_WAITING)
+                    raise OSError(_CLOSED_WHILE_WAITING) from None
                 raise self._protocol_error(
-                    _messages.LOST_MID_MESSAGE + f" ({error.strerror or error})"
-                ) from error
+                    _messages.LOST_MID_MESSAGE + f" ({exc.strerror or exc})") from exc
             if got > 0:
                 n -= got
                 at += got
@@ -166,7 +160,6 @@ class ReceivePath:
             # The last read came back short: the socket is drained, wait before reading.
             if self._last_recv_was_empty and self._wait(_POLLIN, deadline):
                 raise TimeoutError(_messages.TIMED_OUT_MID_MESSAGE)
-            error = None
             n = -1
             try:
                 if len(views) == 1 or not _HAVE_RECVMSG:
@@ -176,13 +169,10 @@ class ReceivePath:
             except BlockingIOError:
                 pass
             except OSError as exc:
-                error = exc
-            if error is not None:
                 if self._sock is None:
-                    raise OSError(_CLOSED_WHILE_WAITING)
+                    raise OSError(_CLOSED_WHILE_WAITING) from None
                 raise self._protocol_error(
-                    _messages.LOST_MID_MESSAGE + f" ({error.strerror or error})"
-                ) from error
+                    _messages.LOST_MID_MESSAGE + f" ({exc.strerror or exc})") from exc
             if n > 0:
                 self._last_recv_was_empty = n < asked
                 return n
@@ -687,18 +677,15 @@ class ReceivePath:
             sock = self._sock
             if sock is None:
                 raise OSError("handle is closed")
-            error = None
             data = None
             try:
                 data = sock.recv(max_size)
             except BlockingIOError:
                 pass
-            except OSError as exc:
-                error = exc
-            if error is not None:
+            except OSError:
                 if self._sock is None:
-                    raise OSError(_CLOSED_WHILE_WAITING)
-                raise error
+                    raise OSError(_CLOSED_WHILE_WAITING) from None
+                raise
             if data:
                 return data
             if data is not None:

@@ -79,7 +79,6 @@ class SendPath:
                 sock = self._sock
                 if sock is None:
                     raise OSError("handle is closed")
-                error = None
                 n = -1  # -1: wait for room first
                 if full:
                     full = False  # wait rather than make a write that would fail
@@ -88,12 +87,10 @@ class SendPath:
                         n = self._send_some(sock, parts, sent)
                     except BlockingIOError:
                         pass
-                    except OSError as exc:
-                        error = exc
-                if error is not None:
-                    if self._sock is None:
-                        raise OSError(_CLOSED_WHILE_WAITING)
-                    raise error
+                    except OSError:
+                        if self._sock is None:
+                            raise OSError(_CLOSED_WHILE_WAITING) from None
+                        raise
                 if n >= 0:
                     sent += n
                     if sent == total:
