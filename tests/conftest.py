@@ -6,9 +6,11 @@ Everything here talks to 127.0.0.1 or ::1 only, and every wait is bounded.
 import contextlib
 import multiprocessing
 import os
+import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -250,6 +252,52 @@ def send_all_bytes(channel, messages, timeout=RECV_TIMEOUT):
 
 def recv_n_bytes(channel, count, timeout=RECV_TIMEOUT):
     return [channel.recv_bytes(timeout=timeout) for _ in range(count)]
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------
+
+def _sigint_main_thread():
+    # What Ctrl-C does to a single-threaded program. pthread_kill makes sure the main thread (the
+    # one blocked in the channel, and the one Python runs signal handlers in) gets the signal even
+    # on systems that would hand a process-wide signal to the timer thread.
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def call_with_ctrl_c(fn, delay=0.2):
+    """Run fn() while SIGINT reaches the main thread `delay` s in; return (what fn raised or
+    returned, seconds fn took). A KeyboardInterrupt that only fires after fn() is done (fn
+    ignored the signal) is caught here and reported as "late", so it cannot abort the session."""
+    # Python's own Ctrl-C handler, even when the test run started with SIGINT ignored (as a
+    # background job of a non-interactive shell does).
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(delay, _sigint_main_thread)
+    outcome, elapsed = "late KeyboardInterrupt", None
+    try:
+        start = time.monotonic()
+        try:
+            timer.start()
+            outcome = ("returned", fn())
+        except BaseException as exc:  # the test inspects it
+            outcome = exc
+        finally:
+            elapsed = time.monotonic() - start
+            timer.cancel()
+            timer.join(RECV_TIMEOUT)  # a call: a pending SIGINT is handled by now, in this try
+    except KeyboardInterrupt:
+        outcome = "late KeyboardInterrupt"
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    return outcome, elapsed
+
+
+def assert_interrupted_promptly(outcome, elapsed):
+    assert isinstance(outcome, KeyboardInterrupt), f"expected KeyboardInterrupt, got {outcome!r}"
+    # Only proves that the 60 s timeout was not waited out; not a speed requirement.
+    assert elapsed < 50
+
 
 
 # ---- child processes -----------------------------------------------------------------------------

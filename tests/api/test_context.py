@@ -17,6 +17,7 @@ import time
 from queue import Empty, Full
 
 import pytest
+from conftest import Background
 
 import loopfast
 from loopfast import _queues
@@ -243,10 +244,14 @@ def test_simple_queue(ctx):
     np = pytest.importorskip("numpy")
     q = ctx.SimpleQueue()
     assert q.empty()
-    q.put(np.ones(500_000))
-    q.put("after")
+    q.put("first")
     assert not q.empty()
+    # 4 MB is more than the socket buffers need hold (under memory pressure the kernel stops
+    # growing them): as with multiprocessing's pipe, the put waits for the get.
+    putting = Background(lambda: (q.put(np.ones(500_000)), q.put("after")))
+    assert q.get() == "first"
     assert float(q.get().sum()) == 500_000.0 and q.get() == "after"
+    putting.result()
     assert q.empty()
     q.close()
 

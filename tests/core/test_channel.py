@@ -11,7 +11,6 @@ import multiprocessing.connection
 import os
 import pickle
 import select
-import signal
 import socket
 import threading
 import time
@@ -21,8 +20,10 @@ from conftest import (
     KIND_PICKLE,
     RECV_TIMEOUT,
     Background,
+    assert_interrupted_promptly,
     assert_same_object,
     buffer_rich_object,
+    call_with_ctrl_c,
     frame,
     make_payload,
     recv_n_bytes,
@@ -871,49 +872,6 @@ def test_peer_closing_mid_frame_raises_protocolerror_after_the_earlier_messages(
 
 # ---- Ctrl-C --------------------------------------------------------------------------------------
 
-def _sigint_main_thread():
-    # What Ctrl-C does to a single-threaded program. pthread_kill makes sure the main thread (the
-    # one blocked in the channel, and the one Python runs signal handlers in) gets the signal even
-    # on systems that would hand a process-wide signal to the timer thread.
-    if hasattr(signal, "pthread_kill"):
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-    else:
-        os.kill(os.getpid(), signal.SIGINT)
-
-
-def _call_with_ctrl_c(fn, delay=0.2):
-    """Run fn() while SIGINT reaches the main thread `delay` s in; return (what fn raised or
-    returned, seconds fn took). A KeyboardInterrupt that only fires after fn() is done (fn
-    ignored the signal) is caught here and reported as "late", so it cannot abort the session."""
-    # Python's own Ctrl-C handler, even when the test run started with SIGINT ignored (as a
-    # background job of a non-interactive shell does).
-    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(delay, _sigint_main_thread)
-    outcome, elapsed = "late KeyboardInterrupt", None
-    try:
-        start = time.monotonic()
-        try:
-            timer.start()
-            outcome = ("returned", fn())
-        except BaseException as exc:  # the test inspects it
-            outcome = exc
-        finally:
-            elapsed = time.monotonic() - start
-            timer.cancel()
-            timer.join(RECV_TIMEOUT)  # a call: a pending SIGINT is handled by now, in this try
-    except KeyboardInterrupt:
-        outcome = "late KeyboardInterrupt"
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    return outcome, elapsed
-
-
-def _assert_interrupted_promptly(outcome, elapsed):
-    assert isinstance(outcome, KeyboardInterrupt), f"expected KeyboardInterrupt, got {outcome!r}"
-    # Only proves that the 60 s timeout was not waited out; not a speed requirement.
-    assert elapsed < 50
-
-
 needs_sigint = pytest.mark.skipif(os.name == "nt", reason="needs POSIX signals")
 # method="thread": if the core ignored signals, a signal-based test timeout could not stop it.
 ctrl_c_timeout = pytest.mark.timeout(120, method="thread")
@@ -925,7 +883,7 @@ ctrl_c_timeout = pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("how", ["recv_bytes", "recv_bytes_into", "recv"])
 def test_ctrl_c_interrupts_a_blocked_receive_promptly(pipe, timeout, how):
     a, b = pipe
-    _assert_interrupted_promptly(*_call_with_ctrl_c(lambda: receive(b, how, timeout=timeout)))
+    assert_interrupted_promptly(*call_with_ctrl_c(lambda: receive(b, how, timeout=timeout)))
     if how == "recv":
         a.send("after")
     else:
@@ -941,7 +899,7 @@ def test_ctrl_c_in_the_middle_of_a_large_message_keeps_the_stream_whole(raw_peer
     payload = make_payload(1 * MiB)
     data = frame(payload)
     first = Background(raw.sendall, data[:300 * KiB])
-    _assert_interrupted_promptly(*_call_with_ctrl_c(lambda: receive(channel, how, timeout=60.0)))
+    assert_interrupted_promptly(*call_with_ctrl_c(lambda: receive(channel, how, timeout=60.0)))
     first.result()
     rest = Background(raw.sendall, data[300 * KiB:] + frame(b"next"))
     assert receive(channel, how) == payload
@@ -954,7 +912,7 @@ def test_ctrl_c_in_the_middle_of_a_large_message_keeps_the_stream_whole(raw_peer
 def test_ctrl_c_interrupts_a_blocked_send_and_the_stream_stays_whole(pipe):
     a, b = pipe
     payload = make_payload(64 * MiB)  # more than the socket buffers: blocks with nobody reading
-    _assert_interrupted_promptly(*_call_with_ctrl_c(lambda: a.send_bytes(payload, timeout=60.0)))
+    assert_interrupted_promptly(*call_with_ctrl_c(lambda: a.send_bytes(payload, timeout=60.0)))
     reader = Background(recv_n_bytes, b, 2)
     a.send_bytes(b"next", timeout=RECV_TIMEOUT)
     assert reader.result() == [payload, b"next"]

@@ -31,7 +31,9 @@ import pytest
 from conftest import (
     IMPLEMENTATIONS,
     Background,
+    assert_interrupted_promptly,
     available_memory,
+    call_with_ctrl_c,
     connected_pair,
     socket_buffer_bound,
 )
@@ -813,6 +815,7 @@ def test_several_timeouts_in_one_object_message(pair, np):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs os.kill(SIGINT)")
+@pytest.mark.timeout(120, method="thread")  # a core that ignored SIGINT would ignore SIGALRM too
 def test_ctrl_c_in_the_middle_of_an_object_leaves_it_whole_for_the_next_recv(pair, np):
     a, b = pair
     sent = interrupted_object(np)
@@ -822,14 +825,7 @@ def test_ctrl_c_in_the_middle_of_an_object_leaves_it_whole_for_the_next_recv(pai
     with pytest.raises(TimeoutError):
         b.recv(timeout=EXPIRES)  # the message is under way
     first.result()
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            timer.start()
-            b.recv(timeout=TIMEOUT)
-    finally:
-        timer.cancel()
-        timer.join(JOIN_TIMEOUT)
+    assert_interrupted_promptly(*call_with_ctrl_c(lambda: b.recv(timeout=60.0), delay=0.3))
     rest = Background(a._send_raw, wire[at:])
     assert_same(b.recv(timeout=TIMEOUT), sent)
     rest.result()
